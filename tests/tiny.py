@@ -1,0 +1,36 @@
+"""Tiny randomly initialised causal LMs of many architectures, built from configs (no download)."""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+# Common small sizes: d_model 64, 2 layers, 4 heads, d_mlp 128 (so shapes identify roles).
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+
+CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=128,
+                                  bos_token_id=0, eos_token_id=0),
+    "gptj": lambda: tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=128, rotary_dim=8),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         vocab_size=256, max_position_embeddings=128),
+    "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                                max_position_embeddings=128, word_embed_proj_dim=64),
+    "llama": lambda: tf.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: tf.MistralConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: tf.Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: tf.Qwen3Config(**_LLAMA_LIKE, head_dim=16),
+    "gemma": lambda: tf.GemmaConfig(**_LLAMA_LIKE, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(**_LLAMA_LIKE, head_dim=16),
+    "gemma3": lambda: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16),
+    "phi3": lambda: tf.Phi3Config(**_LLAMA_LIKE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "falcon": lambda: tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                                      ffn_hidden_size=128, new_decoder_architecture=False, multi_query=True),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random ``*ForCausalLM`` of the given architecture, in eval mode, float32."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    return model.eval()
