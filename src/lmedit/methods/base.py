@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 class HParams:
     """Base class of hyper-parameter dataclasses."""
 
+    def __post_init__(self) -> None:
+        # Values from YAML/JSON/CLI arrive as lists or bare ints where a tuple of layers is expected.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+            elif f.name == "layers" and isinstance(value, int):
+                setattr(self, f.name, (value,))
+
     def resolve(self, model: Any) -> "HParams":
         """A copy with model-derived defaults filled in (subclasses override ``_defaults``)."""
         filled = {k: v for k, v in self._defaults(model).items() if getattr(self, k) is None}
@@ -88,7 +97,7 @@ class Method:
         except (RuntimeError, ValueError, IndexError) as e:
             raise EditError(f"{self.name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             "the model's weights are unchanged") from e
-        info = {"seconds": round(time.perf_counter() - start, 3), **info}
+        info = {"model": model.name, "seconds": round(time.perf_counter() - start, 3), **info}
         return Patch(self.name, hp.to_dict(), list(requests), model.fingerprint, components, info)
 
 

@@ -15,9 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -155,8 +156,9 @@ def load_model(source: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
-        module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with _quiet_progress(isinstance(path, Path)):
+            module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -174,6 +176,21 @@ def load_model(source: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
         raise SpecError(f"{source!r} ({type(module).__name__}) is not a supported decoder-only LM: {e}") from None
     log.info("loaded %r", model)
     return model
+
+
+@contextmanager
+def _quiet_progress(quiet: bool) -> Iterator[None]:
+    """Hide transformers' per-tensor progress bar for local loads (they take a second or two)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _resolve_source(source: str) -> Path | str:

@@ -1,0 +1,160 @@
+"""The ``lmedit`` command line: a thin layer over the Python API.
+
+    lmedit models                      bundled and cached models
+    lmedit methods                     editing methods and their hyper-parameters
+    lmedit generate --prompt ...       greedy continuation
+    lmedit edit --prompt "The capital of {} is" --subject France --target " Rome" [--save DIR]
+    lmedit apply DIR --prompt ...      load a saved patch, apply it, generate
+
+Every command takes ``--json`` for machine-readable output. Errors are one line on stderr, exit 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Edit, steer and inspect the knowledge inside language models.")
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="bundled name, .gguf file, model directory or hub id")
+DeviceOpt = typer.Option(None, help="cpu, cuda, mps or auto (default: best available)")
+DtypeOpt = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
+TokensOpt = typer.Option(20, "--max-new-tokens", "-n", help="tokens to generate")
+ChatOpt = typer.Option(False, "--chat", help="wrap prompts in the tokenizer's chat template")
+
+
+def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _load(model: str, device: Optional[str], dtype: Optional[str], chat: bool = False) -> Any:
+    from lmedit.models import load_model
+
+    return load_model(model, device=device, dtype=dtype, chat=chat)
+
+
+def _parse_hparams(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--hparam takes key=value, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+@app.command()
+def models(as_json: bool = JsonOpt) -> None:
+    """List the bundled models: whether their weights package is installed and whether they are cached."""
+    from lmedit.models import bundled_models, cache_dir
+
+    rows = bundled_models()
+    lines = [f"{'name':<14} {'installed':<9} {'cached':<6} description"]
+    for r in rows:
+        lines.append(f"{r['name']:<14} {'yes' if r['installed'] else 'no':<9} {'yes' if r['cached'] else 'no':<6} "
+                     f"{r['description']}" + ("" if r["installed"] else f"  (install: {r['install']})"))
+    lines.append(f"cache: {cache_dir()}")
+    _emit(as_json, {"models": rows, "cache": str(cache_dir())}, "\n".join(lines))
+
+
+@app.command()
+def methods(as_json: bool = JsonOpt) -> None:
+    """List the editing methods and their default hyper-parameters."""
+    from lmedit.methods import METHODS
+
+    data = {name: {f.name: f.default for f in dataclasses.fields(cls.HParams)} for name, cls in sorted(METHODS.items())}
+    text = "\n".join(f"{name:<8} " + ", ".join(f"{k}={v}" for k, v in hp.items()) for name, hp in data.items())
+    _emit(as_json, {"methods": data}, text + "\n(None: derived from the model, e.g. the layer from a depth fraction)")
+
+
+@app.command()
+def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable)"),
+             model: str = ModelOpt, max_new_tokens: int = TokensOpt, device: Optional[str] = DeviceOpt,
+             dtype: Optional[str] = DtypeOpt, chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
+    """Greedy continuation of one or more prompts."""
+    from lmedit.scoring import generate as gen
+
+    m = _load(model, device, dtype, chat)
+    outs = gen(m, prompt, max_new_tokens=max_new_tokens)
+    _emit(as_json, {"model": m.name, "generations": [{"prompt": p, "output": o} for p, o in zip(prompt, outs)]},
+          "\n".join(f"{p}\u2192{o}" for p, o in zip(prompt, outs)))
+
+
+@app.command()
+def edit(prompt: str = typer.Option(..., "--prompt", "-p", help="prompt template with {} for the subject, or a "
+                                    "prompt containing the subject"),
+         subject: str = typer.Option(..., "--subject", "-s"),
+         target: str = typer.Option(..., "--target", "-t", help="the new continuation, e.g. ' Rome'"),
+         method: str = typer.Option("ft-m", "--method", help="editing method (see `lmedit methods`)"),
+         hparam: list[str] = typer.Option([], "--hparam", help="hyper-parameter override key=value (repeatable)"),
+         probe: list[str] = typer.Option([], "--probe", help="extra prompt to compare before/after (repeatable)"),
+         save: Optional[str] = typer.Option(None, "--save", help="directory to save the patch to"),
+         model: str = ModelOpt, max_new_tokens: int = TokensOpt, device: Optional[str] = DeviceOpt,
+         dtype: Optional[str] = DtypeOpt, chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
+    """Edit one fact and show generations before and after the edit."""
+    from lmedit.methods import get_method
+    from lmedit.requests import EditRequest
+    from lmedit.scoring import generate as gen
+
+    request = EditRequest(prompt, subject, target)
+    editor = get_method(method, **_parse_hparams(hparam))
+    m = _load(model, device, dtype, chat)
+    prompts = [request.prompt, *probe]
+    before = gen(m, prompts, max_new_tokens=max_new_tokens)
+    patch = editor.edit(m, request)
+    with patch.applied(m):
+        after = gen(m, prompts, max_new_tokens=max_new_tokens)
+    if save:
+        patch.save(save)
+    rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+    lines = [f"{method} edit of {m.name}: {request.prompt!r} \u2192 {target!r} in {patch.info['seconds']:.2f} s"]
+    for r in rows:
+        lines += [f"  prompt: {r['prompt']}", f"    before: {r['before']!r}", f"    after:  {r['after']!r}"]
+    if save:
+        lines.append(f"patch saved to {save} (apply it with: lmedit apply {save} --prompt ...)")
+    _emit(as_json, {"model": m.name, "method": method, "hparams": patch.hparams, "info": patch.info,
+                    "generations": rows, "saved": save}, "\n".join(lines))
+
+
+@app.command()
+def apply(directory: str = typer.Argument(..., help="a directory written by `lmedit edit --save`"),
+          prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable)"),
+          model: Optional[str] = typer.Option(None, "--model", "-m", help="default: the model the patch was made on"),
+          max_new_tokens: int = TokensOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+          chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
+    """Load a saved patch, apply it and generate."""
+    from lmedit.patch import Patch
+    from lmedit.scoring import generate as gen
+
+    patch = Patch.load(directory)
+    m = _load(model or patch.info.get("model", "smollm2-135m"), device, dtype, chat)
+    with patch.applied(m):
+        outs = gen(m, prompt, max_new_tokens=max_new_tokens)
+    _emit(as_json, {"model": m.name, "patch": directory, "method": patch.method,
+                    "generations": [{"prompt": p, "output": o} for p, o in zip(prompt, outs)]},
+          "\n".join(f"{p}\u2192{o}" for p, o in zip(prompt, outs)))
+
+
+def main() -> None:
+    """Console entry point: lmedit errors become one line on stderr and exit status 1."""
+    from lmedit.errors import LmeditError
+
+    logging.basicConfig(level=logging.WARNING, format="lmedit: %(message)s")
+    try:
+        app()
+    except LmeditError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
