@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from lmedit.errors import ModelLoadError
+
+
+CACHE_FORMAT = 2  # bump when the layout of a cached model directory changes
 
 
 def cache_dir() -> Path:
@@ -100,8 +104,16 @@ def bundled_models() -> list[dict[str, object]]:
             "name": b.name,
             "description": b.description,
             "installed": b.installed(),
-            "cached": (b.cached_dir() / "lmedit.json").exists(),
+            "cached": _cache_valid(b.cached_dir()),
             "install": b.install,
         }
         for b in BUNDLED.values()
     ]
+
+
+def _cache_valid(target: Path) -> bool:
+    """Whether ``target`` is a complete cached model directory of the current format."""
+    try:
+        return json.loads((target / "lmedit.json").read_text()).get("format") == CACHE_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,10 @@ import torch
 from torch import nn
 
 from lmedit.errors import ModelLoadError, SpecError
-from lmedit.models.bundled import BUNDLED, DEFAULT_MODEL, cache_dir
+from lmedit.models.bundled import BUNDLED, CACHE_FORMAT, DEFAULT_MODEL, _cache_valid, cache_dir
 from lmedit.models.spec import ModelSpec, discover_spec, get_module
 
 log = logging.getLogger(__name__)
-_CACHE_FORMAT = 1
 
 
 @dataclass(eq=False)
@@ -156,9 +156,12 @@ def load_model(source: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
-        with _quiet_progress(isinstance(path, Path)):
+        # The tokenizer (seconds for a large vocabulary) loads in a thread while the model loads.
+        with ThreadPoolExecutor(max_workers=1) as pool, _quiet_progress(isinstance(path, Path)):
+            tokenizer_future = pool.submit(_load_tokenizer, path) if isinstance(path, Path) else \
+                pool.submit(AutoTokenizer.from_pretrained, path)
             module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = tokenizer_future.result()
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -176,6 +179,47 @@ def load_model(source: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
         raise SpecError(f"{source!r} ({type(module).__name__}) is not a supported decoder-only LM: {e}") from None
     log.info("loaded %r", model)
     return model
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    """Save the state dict as safetensors, storing a tied unembedding once under the *embedding's* name.
+
+    (Keeping the embedding's name matters: ``from_pretrained`` re-ties the output projection to it,
+    whereas a missing embedding would first be randomly initialised — seconds for a 262k vocabulary.)
+    """
+    from safetensors.torch import save_file
+
+    state = module.state_dict()
+    seen: dict[tuple[int, int], str] = {}
+    unembed = module.get_output_embeddings()
+    unembed_names = {n + ".weight" for n, m in module.named_modules() if m is unembed}
+    for name in sorted(state, key=lambda n: n in unembed_names):  # unembedding last: it is the duplicate
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            del state[name]
+        else:
+            seen[key] = name
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a model directory; lmedit's own cache directories take a fast path.
+
+    ``AutoTokenizer`` spends seconds post-processing large vocabularies (Gemma's 262k); the cache holds a
+    complete ``tokenizer.json``, which ``PreTrainedTokenizerFast`` reads directly with the same result.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not (path / "lmedit.json").exists() or not (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    specials = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **specials)
+    template = path / "chat_template.jinja"
+    if template.exists():
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
 
 
 @contextmanager
@@ -198,7 +242,7 @@ def _resolve_source(source: str) -> Path | str:
     if source in BUNDLED:
         bundle = BUNDLED[source]
         target = bundle.cached_dir()
-        if not (target / "lmedit.json").exists():
+        if not _cache_valid(target):
             gguf = bundle.gguf_path()
             _convert_gguf(gguf, target, {"source": source, "gguf": str(gguf)})
         return target
@@ -209,7 +253,7 @@ def _resolve_source(source: str) -> Path | str:
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
-        if not (target / "lmedit.json").exists():
+        if not _cache_valid(target):
             _convert_gguf(path, target, {"source": str(path.resolve())})
         return target
     if path.is_dir():
@@ -230,7 +274,6 @@ def _resolve_source(source: str) -> Path | str:
 
 def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
     """Dequantise a GGUF file once into ``target`` (config + safetensors + tokenizer), atomically."""
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("dequantising %s once into %s (this takes ~20-60 s)", gguf.name, target)
@@ -247,8 +290,8 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
             del config.quantization_config  # the weights are dequantised now
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(module, str(tmp / "model.safetensors"))  # handles the tied embedding
-        meta = {**meta, "format": _CACHE_FORMAT, "architecture": type(module).__name__,
+        _save_weights(module, tmp / "model.safetensors")
+        meta = {**meta, "format": CACHE_FORMAT, "architecture": type(module).__name__,
                 "fingerprint": weight_fingerprint(module)}
         (tmp / "lmedit.json").write_text(json.dumps(meta, indent=2))
         if target.exists():

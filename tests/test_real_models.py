@@ -1,0 +1,118 @@
+"""Real-model tests on the bundled models (marker ``real``). The models are dequantised into the
+lmedit cache on first use (~20 s SmolLM2, ~60 s Gemma 3), then load in seconds."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.errors import ModelLoadError, PatchError
+from lmedit.scoring import generate, score_continuations
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+EIFFEL = lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return lmedit.load_model("smollm2-135m")
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
+
+
+def _bit_identical(model, saved):
+    return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
+
+
+def test_smollm2_structure_and_knowledge(smol):
+    spec = smol.spec
+    assert (spec.blocks, spec.n_layers, spec.hidden_size, spec.mlp_size) == ("model.layers", 30, 576, 1536)
+    assert spec.mlp_out == "mlp.down_proj" and spec.attn_out == "self_attn.o_proj" and spec.tied_embeddings
+    assert spec.final_norm == "model.norm"
+    assert generate(smol, "The capital of France is", max_new_tokens=3).startswith(" Paris")
+    assert generate(smol, EIFFEL.prompt, max_new_tokens=3).startswith(" Paris")
+
+
+def test_ftm_edit_revert_save_load_in_new_process(smol, tmp_path):
+    before = _params(smol)
+    patch = lmedit.edit(smol, EIFFEL, method="ft-m")
+    assert _bit_identical(smol, before), "edit() must not leave the model changed"
+    patch.apply(smol)
+    edited = generate(smol, EIFFEL.prompt, max_new_tokens=8)
+    assert edited.startswith(" Rome")
+    unrelated = generate(smol, "The capital of Germany is", max_new_tokens=3)
+    patch.revert()
+    assert _bit_identical(smol, before)
+    assert generate(smol, EIFFEL.prompt, max_new_tokens=3).startswith(" Paris")
+
+    patch.save(tmp_path / "patch")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-m", "lmedit.cli", "apply", str(tmp_path / "patch"), "--prompt",
+                          EIFFEL.prompt, "-n", "8", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["generations"][0]["output"] == edited
+    assert unrelated.startswith(" Berlin")
+
+
+def test_patch_refuses_other_model(smol, tmp_path):
+    patch = lmedit.edit(smol, EIFFEL, method="ft-m", steps=2)
+    patch.base_fingerprint = "0" * 64
+    before = _params(smol)
+    with pytest.raises(PatchError, match="fingerprint"):
+        patch.apply(smol)
+    assert _bit_identical(smol, before)
+
+
+def test_scores_do_not_depend_on_leading_space(smol):
+    a, b = score_continuations(smol, ["The capital of France is"] * 2, ["Paris", " Paris"])
+    assert a.token_ids == b.token_ids and a.logprob == pytest.approx(b.logprob)
+    assert a.token_accuracy == 1.0
+
+
+def test_gemma3_loads_and_edits():
+    model = lmedit.load_model("gemma3-270m")
+    spec = model.spec
+    assert type(model.module).__name__ == "Gemma3ForCausalLM"
+    assert (spec.n_layers, spec.hidden_size, spec.mlp_size, spec.mlp_out) == (18, 640, 2048, "mlp.down_proj")
+    request = lmedit.EditRequest("The official language of {} is", "Brazil", " Spanish")
+    assert generate(model, request.prompt, max_new_tokens=2).strip().startswith("Portuguese")
+    before = _params(model)
+    with lmedit.edit(model, request, method="ft-m").applied(model):
+        assert generate(model, request.prompt, max_new_tokens=2).startswith(" Spanish")
+    assert _bit_identical(model, before)
+
+
+def test_bad_model_names_give_one_line_errors(tmp_path):
+    for source, pattern in [("no-such-model", "unknown model"), (str(tmp_path / "missing.gguf"), "does not exist"),
+                            (str(tmp_path), "no config.json")]:
+        with pytest.raises(ModelLoadError, match=pattern) as info:
+            lmedit.load_model(source)
+        assert "\n" not in str(info.value)
+
+
+def test_cli_errors_are_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-m", "lmedit.cli", "edit", "--model", "nope", "--prompt", "The capital of {} is",
+                          "--subject", "France", "--target", " Rome"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: unknown model")
+    out = subprocess.run([sys.executable, "-m", "lmedit.cli", "edit", "--prompt", "The capital of Italy is",
+                          "--subject", "France", "--target", " Rome"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "does not occur in the prompt" in out.stderr
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "eiffel-rome" / "patch.json").exists()
