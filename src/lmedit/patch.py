@@ -41,6 +41,10 @@ class Component:
     def revert(self, model: Any) -> None:
         raise NotImplementedError
 
+    def commit(self) -> None:
+        """Drop whatever state ``revert`` would need (see ``Patch.commit``)."""
+        raise NotImplementedError
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to save, by local name."""
         raise NotImplementedError
@@ -91,6 +95,9 @@ class WeightDelta(Component):
             raise PatchError(f"the delta for {self.param} is not applied")
         with torch.no_grad():
             model.parameter(self.param).copy_(self._backup)
+        self._backup = None
+
+    def commit(self) -> None:
         self._backup = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -169,6 +176,22 @@ class Patch:
         for component in reversed(self.components):
             component.revert(model)
         model.applied.remove(self)
+        self._model = None
+        return self
+
+    def commit(self) -> "Patch":
+        """Forget how to revert: the applied change becomes part of the model's weights.
+
+        For long sequential runs that keep their own snapshot of the original weights (one copy for
+        the whole run instead of one per patch). The patch is no longer applied afterwards.
+        """
+        if self._model is None:
+            raise PatchError("this patch is not applied")
+        if self._model.applied and self._model.applied[-1] is not self:
+            raise PatchError("only the most recently applied patch can be committed")
+        for component in self.components:
+            component.commit()
+        self._model.applied.remove(self)
         self._model = None
         return self
 

@@ -19,16 +19,28 @@ from lmedit.errors import RequestError
 
 @dataclass(frozen=True)
 class Probe:
-    """An evaluation prompt with the answer expected after it."""
+    """An evaluation prompt with the answer expected after it.
+
+    Attributes:
+        prompt: the full prompt. answer: the expected continuation.
+        aliases: other accepted answers (exact-match metrics accept any of them).
+        group: the dataset's name for the kind of probe (``"Reasoning"``, ``"Subject_Aliasing"``,
+            ``"Relation_Specificity"`` …), so reports can break metrics down by it.
+    """
 
     prompt: str
     answer: str
+    aliases: tuple[str, ...] = ()
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise RequestError("a probe's prompt must be a non-empty string")
         if not isinstance(self.answer, str) or not self.answer.strip():
             raise RequestError(f"the probe {self.prompt!r} has an empty answer")
+        if isinstance(self.aliases, str) or not all(isinstance(a, str) for a in self.aliases):
+            raise RequestError(f"the probe {self.prompt!r} has aliases that are not a list of strings")
+        object.__setattr__(self, "aliases", tuple(a for a in self.aliases if a.strip()))
 
 
 def _probes(items: Iterable[Any] | None, what: str) -> tuple[Probe, ...]:
@@ -37,7 +49,7 @@ def _probes(items: Iterable[Any] | None, what: str) -> tuple[Probe, ...]:
         if isinstance(item, Probe):
             out.append(item)
         elif isinstance(item, Mapping) and {"prompt", "answer"} <= set(item):
-            out.append(Probe(item["prompt"], item["answer"]))
+            out.append(Probe(item["prompt"], item["answer"], tuple(item.get("aliases", ())), item.get("group")))
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             out.append(Probe(*item))
         else:
@@ -57,6 +69,8 @@ class EditRequest:
         rephrases: other wordings of the prompt (generalisation probes; full prompts, subject filled in).
         locality: unrelated prompts with their answers (the edit must not change them).
         portability: prompts whose answer should follow from the edit (reasoning, aliases).
+        generation_prompts: prompts for free generation (fluency, consistency).
+        meta: anything else a dataset carries (reference texts, relation ids …); JSON-serialisable.
     """
 
     template: str
@@ -66,11 +80,14 @@ class EditRequest:
     rephrases: tuple[str, ...]
     locality: tuple[Probe, ...]
     portability: tuple[Probe, ...]
+    generation_prompts: tuple[str, ...]
     case_id: str | None = field(default=None)
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __init__(self, prompt: str, subject: str, target_new: str, target_true: str | None = None, *,
                  rephrases: Iterable[str] = (), locality: Iterable[Any] = (), portability: Iterable[Any] = (),
-                 case_id: str | int | None = None) -> None:
+                 generation_prompts: Iterable[str] = (), case_id: str | int | None = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
         if not isinstance(subject, str) or not subject.strip():
             raise RequestError("the subject must be a non-empty string")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -91,6 +108,9 @@ class EditRequest:
         rephrases = tuple(rephrases if not isinstance(rephrases, str) else [rephrases])
         if not all(isinstance(r, str) and r.strip() for r in rephrases):
             raise RequestError("rephrases must be non-empty strings")
+        generation_prompts = tuple(generation_prompts)
+        if not all(isinstance(g, str) and g.strip() for g in generation_prompts):
+            raise RequestError("generation prompts must be non-empty strings")
         set_ = object.__setattr__
         set_(self, "template", prompt)
         set_(self, "subject", subject)
@@ -99,7 +119,9 @@ class EditRequest:
         set_(self, "rephrases", rephrases)
         set_(self, "locality", _probes(locality, "locality probes"))
         set_(self, "portability", _probes(portability, "portability probes"))
+        set_(self, "generation_prompts", generation_prompts)
         set_(self, "case_id", None if case_id is None else str(case_id))
+        set_(self, "meta", dict(meta or {}))
 
     @property
     def prompt(self) -> str:
@@ -117,6 +139,7 @@ class EditRequest:
         d["rephrases"] = list(self.rephrases)
         d["locality"] = [asdict(p) for p in self.locality]
         d["portability"] = [asdict(p) for p in self.portability]
+        d["generation_prompts"] = list(self.generation_prompts)
         return d
 
     @classmethod
@@ -124,7 +147,8 @@ class EditRequest:
         try:
             return cls(d["prompt"], d["subject"], d["target_new"], d.get("target_true"),
                        rephrases=d.get("rephrases", ()), locality=d.get("locality", ()),
-                       portability=d.get("portability", ()), case_id=d.get("case_id"))
+                       portability=d.get("portability", ()), generation_prompts=d.get("generation_prompts", ()),
+                       case_id=d.get("case_id"), meta=d.get("meta"))
         except KeyError as e:
             raise RequestError(f"an edit request needs the field {e.args[0]!r}") from None
 

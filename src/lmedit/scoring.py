@@ -148,9 +148,14 @@ class ContinuationScore:
 def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[str],
                         batch_size: int = 32) -> list[ContinuationScore]:
     """Teacher-forced scores of ``targets`` after ``prompts`` (batched, one forward pass per batch)."""
-    out: list[ContinuationScore] = []
-    for start in range(0, len(prompts), batch_size):
-        ps, ts = prompts[start:start + batch_size], targets[start:start + batch_size]
+    if len(targets) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
+    # Similar lengths share a batch (less padding); results come back in the callers' order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out: list[ContinuationScore | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ps, ts = [prompts[i] for i in idx], [targets[i] for i in idx]
         batch = encode(model, ps, ts)
         n = batch.n_target
         logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()
@@ -158,30 +163,46 @@ def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[st
         ids = batch.input_ids[:, -n:]
         chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         argmax = logits.argmax(-1)
-        for b, (p, t) in enumerate(zip(ps, ts)):
+        for b, (i, p, t) in enumerate(zip(idx, ps, ts)):
             k = batch.target_lengths[b]
-            out.append(ContinuationScore(p, t, ids[b, n - k:].tolist(), chosen[b, n - k:].tolist(),
-                                         argmax[b, n - k:].tolist()))
-    return out
+            out[i] = ContinuationScore(p, t, ids[b, n - k:].tolist(), chosen[b, n - k:].tolist(),
+                                       argmax[b, n - k:].tolist())
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: str | Sequence[str], max_new_tokens: int = 20, batch_size: int = 16,
+def generate_ids(model: Any, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32,
+                 **generate_kwargs: Any) -> list[list[int]]:
+    """Token ids of the greedy continuations of ``prompts`` (new tokens only, up to EOS excluded)."""
+    tok = model.tokenizer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = encode(model, [prompts[i] for i in idx])
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
+                  **generate_kwargs}
+        if not kwargs["do_sample"]:
+            kwargs.update(top_p=None, top_k=None, temperature=None)
+        ids = model.module.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        stop = set(_eos_ids(model))
+        for i, row in zip(idx, ids[:, batch.input_ids.shape[1]:].tolist()):
+            cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+            out[i] = row[:cut]
+    return out
+
+
+def _eos_ids(model: Any) -> list[int]:
+    eos = getattr(model.module.generation_config, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids + [model.tokenizer.eos_token_id] if i is not None]
+
+
+def generate(model: Any, prompts: str | Sequence[str], max_new_tokens: int = 20, batch_size: int = 32,
              **generate_kwargs: Any) -> str | list[str]:
     """Greedy continuations of ``prompts`` (only the new text, special tokens removed)."""
     single = isinstance(prompts, str)
     items = [prompts] if single else list(prompts)
-    tok = model.tokenizer
-    out: list[str] = []
-    for start in range(0, len(items), batch_size):
-        batch = encode(model, items[start:start + batch_size])
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
-                  **generate_kwargs}
-        if not kwargs["do_sample"]:
-            kwargs.setdefault("top_p", None)
-            kwargs.setdefault("top_k", None)
-            kwargs.setdefault("temperature", None)
-        ids = model.module.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-        new = ids[:, batch.input_ids.shape[1]:]
-        out.extend(tok.decode(row, skip_special_tokens=True) for row in new)
+    rows = generate_ids(model, items, max_new_tokens, batch_size, **generate_kwargs)
+    out = [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     return out[0] if single else out

@@ -1,0 +1,167 @@
+"""Batched scoring of every probe of many edit cases, and per-case metric records.
+
+All probes of all cases being scored are flattened into one list of ``ProbeItem``s, sorted by length
+and run through the model in large batches: one teacher-forced pass for the answers (plus one for the
+competing answers of the probability comparison) and one batched greedy generation. The unedited
+model's locality predictions are computed once per (model fingerprint, probe set) and cached on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any, Sequence
+
+from lmedit.evaluate.metrics import generation_matches, prob_success, token_agreement
+from lmedit.requests import EditRequest
+from lmedit.scoring import encode, generate_ids, score_continuations
+
+KINDS = ("rewrite", "rephrase", "locality", "portability")
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One (prompt, answer) to score for case ``case``; ``alt`` is the competing answer, if any."""
+
+    case: int
+    kind: str
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+    group: str | None = None
+    alt: str | None = None
+
+
+@dataclass
+class ItemScore:
+    token_ids: list[int]
+    argmax_ids: list[int]
+    mean_logprob: float
+    token_accuracy: float
+    alt_mean_logprob: float | None = None
+    generated: str | None = None
+    generated_ids: list[int] | None = None
+
+
+def probe_items(requests: Sequence[EditRequest]) -> list[ProbeItem]:
+    """The probes of each request: its prompt, rephrases, locality and portability probes."""
+    items: list[ProbeItem] = []
+    for i, r in enumerate(requests):
+        items.append(ProbeItem(i, "rewrite", r.prompt, r.target_new, alt=r.target_true))
+        items += [ProbeItem(i, "rephrase", p, r.target_new, alt=r.target_true) for p in r.rephrases]
+        items += [ProbeItem(i, "locality", p.prompt, p.answer, p.aliases, p.group,
+                            alt=r.target_new if p.group == "neighborhood" else None) for p in r.locality]
+        items += [ProbeItem(i, "portability", p.prompt, p.answer, p.aliases, p.group) for p in r.portability]
+    return items
+
+
+def score_items(model: Any, items: Sequence[ProbeItem], *, generation: bool = True, probability: bool = True,
+                batch_size: int = 64, max_new_tokens: int = 24) -> list[ItemScore]:
+    """Teacher-forced scores (and greedy generations) of every item, batched across items."""
+    tf = score_continuations(model, [it.prompt for it in items], [it.answer for it in items], batch_size)
+    scores = [ItemScore(s.token_ids, s.argmax_ids, s.mean_logprob, s.token_accuracy) for s in tf]
+    alt_idx = [k for k, it in enumerate(items) if probability and it.alt]
+    if alt_idx:
+        alt = score_continuations(model, [items[k].prompt for k in alt_idx], [items[k].alt for k in alt_idx], batch_size)
+        for k, s in zip(alt_idx, alt):
+            scores[k].alt_mean_logprob = s.mean_logprob
+    if generation:
+        # Generate as many tokens as the longest accepted answer has (+2 to see the word end), per length bucket.
+        need = [min(max_new_tokens, 2 + max([len(scores[k].token_ids)] + [_n_tokens(model, it.prompt, a)
+                                                                           for a in it.aliases]))
+                for k, it in enumerate(items)]
+        order = sorted(range(len(items)), key=lambda k: (need[k], len(items[k].prompt)))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = generate_ids(model, [items[k].prompt for k in chunk], max(need[k] for k in chunk), batch_size)
+            for k, row in zip(chunk, rows):
+                row = row[: need[k]]
+                scores[k].generated_ids = row
+                scores[k].generated = model.tokenizer.decode(row, skip_special_tokens=True)
+    return scores
+
+
+def _n_tokens(model: Any, prompt: str, answer: str) -> int:
+    return encode(model, [prompt], [answer]).target_lengths[0]
+
+
+# ------------------------------------------------------------------------------------- baseline
+Baseline = dict[tuple[str, str], ItemScore]
+
+
+def locality_baseline(model: Any, items: Sequence[ProbeItem], cache: Path | None = None) -> Baseline:
+    """The *unedited* model's scores on the locality items, keyed by (prompt, answer).
+
+    Must run before any patch is applied. Cached as JSON under ``cache`` keyed by the model fingerprint
+    and a hash of the probes, so a dataset's baseline is computed once per model.
+    """
+    loc = list({(it.prompt, it.answer): it for it in items if it.kind == "locality"}.values())
+    key = hashlib.sha256(json.dumps([[it.prompt, it.answer] for it in loc]).encode()).hexdigest()[:20]
+    path = cache / model.fingerprint[:16] / f"locality-{key}.json" if cache else None
+    if path is not None and path.exists():
+        scores = [ItemScore(**d) for d in json.loads(path.read_text())]
+    else:
+        if model.applied:
+            raise RuntimeError("the locality baseline must be computed on the unedited model (a patch is applied)")
+        scores = score_items(model, loc, probability=False)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([s.__dict__ for s in scores]))
+            tmp.replace(path)
+    return {(it.prompt, it.answer): s for it, s in zip(loc, scores)}
+
+
+# ------------------------------------------------------------------------------------- records
+def case_records(requests: Sequence[EditRequest], items: Sequence[ProbeItem], scores: Sequence[ItemScore],
+                 baseline: Baseline | None) -> list[dict[str, Any]]:
+    """Per-case metric records from scored items (see ``metrics`` for the definitions).
+
+    Keys: ``rewrite_tf/_em`` (reliability), ``rephrase_tf/_em`` (generalisation), ``locality_tf/_em``
+    (agreement with the unedited model), ``locality_acc`` (accuracy against the dataset's answers),
+    ``portability_tf/_em`` and per-group ``portability[G]_tf``; with ``target_true``: ``efficacy``,
+    ``efficacy_mag``, ``paraphrase``, ``neighborhood`` (probability comparisons); ``rewrite_ppl``.
+    """
+    per_case: dict[int, dict[str, list[float]]] = {i: {} for i in range(len(requests))}
+
+    def add(case: int, key: str, value: float | None) -> None:
+        if value is not None:
+            per_case[case].setdefault(key, []).append(float(value))
+
+    for it, s in zip(items, scores):
+        answers = (it.answer, *it.aliases)
+        em = None if s.generated is None else generation_matches(s.generated, answers)
+        c = it.case
+        if it.kind in ("rewrite", "rephrase"):
+            add(c, f"{it.kind}_tf", s.token_accuracy)
+            add(c, f"{it.kind}_em", em)
+            if s.alt_mean_logprob is not None:
+                ok, mag = prob_success(s.mean_logprob, s.alt_mean_logprob)
+                add(c, "efficacy" if it.kind == "rewrite" else "paraphrase", ok)
+                if it.kind == "rewrite":
+                    add(c, "efficacy_mag", mag)
+            if it.kind == "rewrite":
+                add(c, "rewrite_ppl", math.exp(-s.mean_logprob))
+        elif it.kind == "locality":
+            add(c, "locality_acc", s.token_accuracy)
+            base = (baseline or {}).get((it.prompt, it.answer))
+            if base is not None:
+                add(c, "locality_tf", token_agreement(s.argmax_ids, base.argmax_ids))
+                if s.generated_ids is not None and base.generated_ids is not None:
+                    add(c, "locality_em", s.generated_ids == base.generated_ids)
+            if s.alt_mean_logprob is not None:  # neighbourhood: the old answer must still win
+                add(c, "neighborhood", s.mean_logprob > s.alt_mean_logprob)
+        else:
+            add(c, "portability_tf", s.token_accuracy)
+            add(c, "portability_em", em)
+            if it.group:
+                add(c, f"portability[{it.group}]_tf", s.token_accuracy)
+    records = []
+    for i, r in enumerate(requests):
+        rec: dict[str, Any] = {"case_id": r.case_id if r.case_id is not None else str(i)}
+        rec.update({k: mean(v) for k, v in per_case[i].items()})
+        records.append(rec)
+    return records

@@ -1,0 +1,294 @@
+"""Evaluation runs: protocols, streaming per-case records, resume, summaries.
+
+Protocols (recorded in every report):
+
+* ``single``: each case is edited on the clean model, scored, and reverted with ``Patch.revert()``.
+* ``batch``: ``batch_size`` cases are edited in one call, scored, reverted.
+* ``sequential``: edits accumulate (``batch_size`` cases per edit call, 1 by default). ``scoring``
+  ``after_each`` scores a case right after its own edit; ``after_all`` scores every case edited so far
+  at each checkpoint ``T`` in ``checkpoints`` (and at the end) — the lifelong setting.
+* ``method=None`` evaluates the unedited model (the baseline every method is compared with).
+
+Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
+(sequential runs also checkpoint their accumulated edit in ``out_dir/state``). ``summary.json`` and
+``summary.md`` hold the means and everything needed to reproduce the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from lmedit.errors import LmeditError
+from lmedit.evaluate.probes import case_records, locality_baseline, probe_items, score_items
+from lmedit.models.bundled import cache_dir
+from lmedit.patch import Patch, WeightDelta
+from lmedit.requests import EditRequest
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("single", "batch", "sequential")
+SCORINGS = ("after_each", "after_all")
+
+
+class EvalError(LmeditError):
+    """An evaluation run was misconfigured (bad protocol, existing results without resume …)."""
+
+
+@dataclass
+class Report:
+    """The result of ``evaluate``: configuration, per-case records and their summary."""
+
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+
+    def table(self) -> str:
+        from lmedit.evaluate.report import markdown_table
+
+        return markdown_table([self])
+
+
+@dataclass
+class _Run:
+    model: Any
+    requests: list[EditRequest]
+    out_dir: Path | None
+    generation: bool
+    done: set[tuple[str, int | None]] = field(default_factory=set)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def score(self, cases: Sequence[int], baseline: Any, extra: dict[str, Any]) -> None:
+        reqs = [self.requests[i] for i in cases]
+        items = probe_items(reqs)
+        scores = score_items(self.model, items, generation=self.generation)
+        for rec in case_records(reqs, items, scores, baseline):
+            self.write({**rec, **extra})
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.done.add((record["case_id"], record.get("T")))
+        if self.out_dir is not None:
+            with open(self.out_dir / "cases.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str = "single", n: int | None = None,
+             batch_size: int = 1, scoring: str = "after_all", checkpoints: Iterable[int] = (1, 10, 100, 1000),
+             hparams: dict[str, Any] | None = None, out_dir: str | Path | None = None, resume: bool = False,
+             generation: bool = True, seed: int = 0, progress: bool = True) -> Report:
+    """Edit and score the cases of ``data`` under ``protocol``; see the module docstring.
+
+    Args:
+        model: a loaded ``lmedit.Model`` with no patch applied.
+        method: a method name (``"ft-m"``), a ``Method`` instance, or ``None`` for the unedited model.
+        data: a dataset name or path (see ``lmedit.data.load_dataset``), a ``Dataset``, or ``EditRequest``s.
+        n: use the first ``n`` cases.  batch_size: cases per edit call (batch and sequential protocols).
+        scoring: ``after_each`` or ``after_all`` (sequential).  checkpoints: the T at which ``after_all`` scores.
+        out_dir: where ``cases.jsonl``, ``summary.json``, ``summary.md`` (and plots) go.
+        resume: continue a killed run in ``out_dir``.  generation: also compute the generation metrics.
+    """
+    from tqdm.auto import tqdm
+
+    from lmedit.methods import get_method
+
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown protocol {protocol!r}; accepted: {', '.join(PROTOCOLS)}")
+    if scoring not in SCORINGS:
+        raise EvalError(f"unknown scoring {scoring!r}; accepted: {', '.join(SCORINGS)}")
+    if model.applied:
+        raise EvalError("evaluate() needs the unedited model: revert the applied patches first")
+    dataset, requests = _requests(data, n)
+    editor = None if method is None or method == "none" else (
+        get_method(method, **(hparams or {})) if isinstance(method, str) else method)
+    torch.manual_seed(seed)
+    out = Path(out_dir) if out_dir is not None else None
+    run = _Run(model, requests, out, generation)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        cases_file = out / "cases.jsonl"
+        if cases_file.exists() and cases_file.stat().st_size and not resume:
+            raise EvalError(f"{out} already holds results; pass resume=True (--resume) or choose another directory")
+        if resume and cases_file.exists():
+            for line in cases_file.read_text().splitlines():
+                if line.strip():
+                    run.records.append(json.loads(line))
+                    run.done.add((run.records[-1]["case_id"], run.records[-1].get("T")))
+    config = {
+        "protocol": protocol if editor is not None else "unedited",
+        "scoring": scoring if protocol == "sequential" else None,
+        "batch_size": batch_size, "n": len(requests), "seed": seed,
+        "method": editor.name if editor is not None else "none",
+        "hparams": editor.hparams.resolve(model).to_dict() if editor is not None else {},
+        "model": {"name": model.name, "fingerprint": model.fingerprint, "architecture": type(model.module).__name__,
+                  "dtype": str(model.dtype), "device": str(model.device)},
+        "dataset": dataset.describe() if dataset is not None else {"name": "requests", "n": len(requests)},
+        "generation_metrics": generation,
+        "lmedit_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
+    }
+    start = time.perf_counter()
+    baseline = locality_baseline(model, probe_items(requests), cache_dir() / "eval")
+    ids = [r.case_id if r.case_id is not None else str(i) for i, r in enumerate(requests)]
+    bar = tqdm(total=len(requests), desc=f"{config['method']} {config['protocol']}", disable=not progress)
+    edit_seconds: list[float] = []
+    try:
+        if editor is None:
+            todo = [i for i in range(len(requests)) if (ids[i], None) not in run.done]
+            bar.update(len(requests) - len(todo))
+            for start_i in range(0, len(todo), 256):
+                chunk = todo[start_i:start_i + 256]
+                run.score(chunk, baseline, {})
+                bar.update(len(chunk))
+        elif protocol in ("single", "batch"):
+            size = 1 if protocol == "single" else batch_size
+            for chunk in _chunks(range(len(requests)), size):
+                if all((ids[i], None) in run.done for i in chunk):
+                    bar.update(len(chunk))
+                    continue
+                t0 = time.perf_counter()
+                patch = editor.edit(model, [requests[i] for i in chunk])
+                edit_seconds.append(time.perf_counter() - t0)
+                with patch.applied(model):
+                    run.score(chunk, baseline, {"edit_seconds": edit_seconds[-1] / len(chunk)})
+                bar.update(len(chunk))
+        else:
+            edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    config.update(wall_seconds=round(wall, 2), peak_memory_mb=_peak_memory_mb(model),
+                  edit_seconds_mean=round(mean(edit_seconds), 4) if edit_seconds else None)
+    summary = summarize(run.records, by_t=protocol == "sequential" and scoring == "after_all" and editor is not None)
+    report = Report(config, run.records, summary, out)
+    if out is not None:
+        _write_outputs(report)
+    return report
+
+
+def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_size: int, scoring: str,
+                checkpoints: list[int], bar: Any) -> list[float]:
+    """Accumulate edits; score after each or at checkpoints; checkpoint the edit state for resume."""
+    model, requests, out = run.model, run.requests, run.out_dir
+    total = len(requests)
+    marks = [t for t in checkpoints if t < total] + [total]
+    chunks = _chunks(range(total), batch_size)
+    state_dir = out / "state" if out is not None else None
+    originals: dict[str, torch.Tensor] = {}
+    done_chunks = 0
+    if state_dir is not None and (state_dir / "progress.json").exists():
+        done_chunks = json.loads((state_dir / "progress.json").read_text())["chunks_done"]
+        saved = Patch.load(state_dir / "patch")
+        _remember(model, saved, originals)
+        saved.apply(model).commit()
+        bar.update(min(total, done_chunks * batch_size))
+    edit_seconds: list[float] = []
+    try:
+        for c, chunk in enumerate(chunks):
+            if c < done_chunks:
+                continue
+            t0 = time.perf_counter()
+            patch = editor.edit(model, [requests[i] for i in chunk])
+            edit_seconds.append(time.perf_counter() - t0)
+            _remember(model, patch, originals)
+            patch.apply(model).commit()
+            edited = chunk[-1] + 1
+            if scoring == "after_each":
+                run.score(chunk, baseline, {"T": edited, "edit_seconds": edit_seconds[-1] / len(chunk)})
+            elif edited in marks:
+                todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
+                run.score(todo, baseline, {"T": edited})
+            bar.update(len(chunk))
+            if state_dir is not None and (edited in marks or c % 10 == 9):
+                _checkpoint(model, originals, state_dir, c + 1, editor.name)
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                model.parameter(name).copy_(original)
+    return edit_seconds
+
+
+def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> None:
+    """Snapshot (once) every parameter a patch will change, so the run can restore the model."""
+    for component in patch.components:
+        if not isinstance(component, WeightDelta):
+            raise EvalError(f"sequential runs support weight patches only (got {type(component).__name__})")
+        if component.param not in originals:
+            originals[component.param] = model.parameter(component.param).detach().clone()
+
+
+def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str) -> None:
+    """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark."""
+    deltas = [WeightDelta(name, (model.parameter(name).detach().float() - original.float()).cpu())
+              for name, original in originals.items()]
+    Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(state_dir / "patch")
+    tmp = state_dir / "progress.json.tmp"
+    tmp.write_text(json.dumps({"chunks_done": chunks_done}))
+    tmp.replace(state_dir / "progress.json")
+
+
+def summarize(records: Sequence[dict[str, Any]], by_t: bool = False) -> dict[str, Any]:
+    """Means of every numeric metric over cases; with ``by_t`` (sequential ``after_all``) also per ``T``.
+
+    ``overall`` is then the last checkpoint (all edits made).
+    """
+    def means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "T"})
+        return {k: round(mean(r[k] for r in rows if k in r), 4) for k in keys} | {"cases": len(rows)}
+
+    if not by_t or not records:
+        return {"overall": means(records)} if records else {"overall": {"cases": 0}}
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(int(r["T"]), []).append(r)
+    return {"overall": means(groups[max(groups)]), "by_T": {t: means(rows) for t, rows in sorted(groups.items())}}
+
+
+def _requests(data: Any, n: int | None) -> tuple[Any, list[EditRequest]]:
+    if isinstance(data, (str, Path)):
+        from lmedit.data import load_dataset
+
+        data = load_dataset(data, n=n)
+    if hasattr(data, "requests"):
+        requests = list(data.requests)
+        return data, requests[:n] if n else requests
+    from lmedit.requests import as_requests
+
+    requests = as_requests(data)
+    return None, requests[:n] if n else requests
+
+
+def _chunks(indices: Iterable[int], size: int) -> list[list[int]]:
+    items = list(indices)
+    size = max(1, size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _peak_memory_mb(model: Any) -> float:
+    if model.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(model.device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _version() -> str:
+    import lmedit
+
+    return lmedit.__version__
+
+
+def _write_outputs(report: Report) -> None:
+    from lmedit.evaluate.report import markdown_table, plot_curves
+
+    out = report.out_dir
+    assert out is not None
+    (out / "summary.json").write_text(json.dumps({"config": report.config, "summary": report.summary}, indent=2))
+    (out / "summary.md").write_text(markdown_table([report]) + "\n")
+    if "by_T" in report.summary:
+        plot_curves(report, out / "curves.png")
