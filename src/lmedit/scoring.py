@@ -57,27 +57,35 @@ def _tokenize(model: Any, text: str) -> list[int]:
     return model.tokenizer(text, add_special_tokens=not model.chat)["input_ids"]
 
 
+def _prompt_ids(model: Any, prompt: str) -> tuple[str, list[int]]:
+    """(the prompt as the model sees it, its token ids)."""
+    text = model.format_prompt(prompt)
+    ids = _tokenize(model, text)
+    if not ids:
+        raise RequestError(f"the prompt {prompt!r} tokenises to nothing")
+    return text, ids
+
+
+def _continuation_ids(model: Any, text: str, p_ids: list[int], target: str) -> list[int]:
+    """Token ids of ``target`` as it continues ``text``: those of ``text + target`` after ``p_ids``."""
+    text, target = join(text, target)
+    if not target.strip():
+        raise RequestError(f"empty target for prompt {text!r}")
+    full = _tokenize(model, text + target)
+    if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+        return full[len(p_ids):]
+    # The tokenizer merged across the boundary: fall back to tokenising the target alone.
+    return model.tokenizer(target, add_special_tokens=False)["input_ids"]
+
+
 def encode(model: Any, prompts: Sequence[str], targets: Sequence[str] | None = None) -> Batch:
     """Tokenise prompts (and optional targets) into a left-padded ``Batch`` on the model's device."""
     if targets is not None and len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     rows: list[tuple[list[int], list[int]]] = []
     for i, prompt in enumerate(prompts):
-        text = model.format_prompt(prompt)
-        p_ids = _tokenize(model, text)
-        t_ids: list[int] = []
-        if targets is not None:
-            text, target = join(text, targets[i])
-            if not target.strip():
-                raise RequestError(f"empty target for prompt {prompt!r}")
-            full = _tokenize(model, text + target)
-            if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-                t_ids = full[len(p_ids):]
-            else:  # the tokenizer merged across the boundary: fall back to separate tokenisation
-                t_ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not p_ids:
-            raise RequestError(f"the prompt {prompt!r} tokenises to nothing")
-        rows.append((p_ids, t_ids))
+        text, p_ids = _prompt_ids(model, prompt)
+        rows.append((p_ids, [] if targets is None else _continuation_ids(model, text, p_ids, targets[i])))
     width = max(len(p) + len(t) for p, t in rows)
     pad = model.tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -144,52 +152,143 @@ class ContinuationScore:
         return hits / max(1, len(self.token_ids))
 
 
+@dataclass
+class PromptScore:
+    """Teacher-forced scores of several continuations of one prompt, and its greedy continuation."""
+
+    prompt: str
+    continuations: list[ContinuationScore]
+    generated_ids: list[int]
+
+
 @torch.no_grad()
-def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[str],
-                        batch_size: int = 32) -> list[ContinuationScore]:
-    """Teacher-forced scores of ``targets`` after ``prompts`` (batched, one forward pass per batch)."""
+def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence[str]],
+                  greedy: int | Sequence[int] = 0, batch_size: int = 64) -> list[PromptScore]:
+    """Score several continuations per prompt and greedy-decode, running each prompt **once**.
+
+    Each batch of prompts is prefilled once with a KV cache. A continuation ``y`` is then scored by
+    feeding ``y[:-1]`` after the cached prompt (``P(y_0)`` comes from the prompt's last logits, so a
+    one-token answer costs no extra pass) and the cache is cropped back; greedy decoding runs from the
+    same cache. ``greedy`` is the number of tokens to generate per prompt (EOS ends a row early).
+    This is the evaluation hot path: a prompt with its answer, its competing answer and a generation
+    costs one prompt pass plus a few single-token steps.
+    """
     if len(targets) != len(prompts):
-        raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
-    # Similar lengths share a batch (less padding); results come back in the callers' order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-    out: list[ContinuationScore | None] = [None] * len(prompts)
+        raise RequestError(f"{len(prompts)} prompts but {len(targets)} target lists")
+    wants = [greedy] * len(prompts) if isinstance(greedy, int) else list(greedy)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[PromptScore | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ps, ts = [prompts[i] for i in idx], [targets[i] for i in idx]
-        batch = encode(model, ps, ts)
-        n = batch.n_target
-        logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        ids = batch.input_ids[:, -n:]
-        chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        argmax = logits.argmax(-1)
-        for b, (i, p, t) in enumerate(zip(idx, ps, ts)):
-            k = batch.target_lengths[b]
-            out[i] = ContinuationScore(p, t, ids[b, n - k:].tolist(), chosen[b, n - k:].tolist(),
-                                       argmax[b, n - k:].tolist())
+        encoded = [_prompt_ids(model, prompts[i]) for i in idx]
+        conts = [[_continuation_ids(model, text, ids, t) for t in targets[i]] for i, (text, ids) in zip(idx, encoded)]
+        scores, generated = _score_batch(model, [ids for _, ids in encoded], conts, [wants[i] for i in idx])
+        for b, i in enumerate(idx):
+            cs = [ContinuationScore(prompts[i], t, *sc) for t, sc in zip(targets[i], scores[b])]
+            out[i] = PromptScore(prompts[i], cs, generated[b])
     return out  # type: ignore[return-value]
 
 
-@torch.no_grad()
-def generate_ids(model: Any, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32,
-                 **generate_kwargs: Any) -> list[list[int]]:
+def _score_batch(model: Any, prompt_ids: list[list[int]], conts: list[list[list[int]]], greedy: list[int]
+                 ) -> tuple[list[list[tuple[list[int], list[float], list[int]]]], list[list[int]]]:
+    """One prefill for a batch of prompts, then the continuations and greedy steps from its cache."""
+    import copy
+
+    device, pad = model.device, model.tokenizer.pad_token_id
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for b, p in enumerate(prompt_ids):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    lengths = mask.sum(1)
+    cache_kw = _cache_keyword(model.module)
+    prefill = model.module(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           use_cache=True, logits_to_keep=1)
+    cache = getattr(prefill, "cache", None) or prefill.past_key_values
+    last = prefill.logits[:, -1].float()
+    croppable = getattr(cache, "is_croppable", True) is not False and hasattr(cache, "crop")
+    snapshot = None if croppable else copy.deepcopy(cache)
+
+    def step(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [B, m] (``valid`` marks real ones) after the cached prompt; logits [B, m, V]."""
+        ext = torch.cat([mask, valid.long()], dim=1)
+        pos = lengths[:, None] + torch.arange(tokens.shape[1], device=device)[None]
+        return model.module(input_ids=tokens, attention_mask=ext, position_ids=pos, use_cache=True,
+                            **{cache_kw: cache}).logits.float()
+
+    def rewind() -> None:
+        nonlocal cache
+        if croppable:
+            cache.crop(-(cache.get_seq_length() - width))  # a negative count removes that many tokens
+        else:
+            cache = copy.deepcopy(snapshot)
+
+    last_logp = torch.log_softmax(last, dim=-1)
+    results: list[list[tuple[list[int], list[float], list[int]]]] = [[] for _ in prompt_ids]
+    for j in range(max((len(c) for c in conts), default=0)):
+        rows = [c[j] if j < len(c) else [] for c in conts]
+        m = max(len(r) for r in rows)
+        logps, argmaxes = [last_logp], [last.argmax(-1, keepdim=True)]
+        if m > 1:  # feed y_0 .. y_{m-2} to get the distributions of y_1 .. y_{m-1}
+            tokens = torch.full((len(rows), m - 1), pad, dtype=torch.long)
+            valid = torch.zeros((len(rows), m - 1), dtype=torch.bool)
+            for b, r in enumerate(rows):
+                tokens[b, : max(0, len(r) - 1)] = torch.tensor(r[:-1], dtype=torch.long)
+                valid[b, : max(0, len(r) - 1)] = True
+            logits = step(tokens.to(device), valid.to(device))
+            rewind()
+            logps.append(torch.log_softmax(logits, dim=-1))
+            argmaxes.append(logits.argmax(-1))
+        argmax_all = torch.cat(argmaxes, dim=1)
+        for b, r in enumerate(rows):
+            if j >= len(conts[b]):
+                continue
+            token_lp = [float(logps[0][b, r[0]])] + [float(logps[1][b, k - 1, r[k]]) for k in range(1, len(r))]
+            results[b].append((r, token_lp, argmax_all[b, : len(r)].tolist()))
+    generated: list[list[int]] = [[] for _ in prompt_ids]
+    k = max(greedy, default=0)
+    if k:
+        stop = torch.tensor(_eos_ids(model) or [-1], device=device)
+        token = last.argmax(-1, keepdim=True)
+        finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+        for t in range(k):
+            for b in range(len(prompt_ids)):
+                if not finished[b] and t < greedy[b]:
+                    generated[b].append(int(token[b, 0]))
+            finished |= torch.isin(token[:, 0], stop)
+            if t == k - 1 or bool(finished.all()):
+                break
+            # feed the newest token; the cache holds the prompt and the t tokens before it
+            ext = torch.cat([mask, torch.ones((len(prompt_ids), t + 1), dtype=torch.long, device=device)], dim=1)
+            logits = model.module(input_ids=token, attention_mask=ext, position_ids=(lengths + t)[:, None],
+                                   use_cache=True, **{cache_kw: cache}).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        rewind()
+        stops = set(stop.tolist())
+        generated = [g[: next((i for i, x in enumerate(g) if x in stops), len(g))] for g in generated]
+    return results, generated
+
+
+def _cache_keyword(module: Any) -> str:
+    """The forward() keyword of the KV cache: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[str],
+                        batch_size: int = 64) -> list[ContinuationScore]:
+    """Teacher-forced scores of ``targets`` after ``prompts`` (one target per prompt)."""
+    if len(targets) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return [ps.continuations[0] for ps in score_prompts(model, prompts, [[t] for t in targets], 0, batch_size)]
+
+
+def generate_ids(model: Any, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64) -> list[list[int]]:
     """Token ids of the greedy continuations of ``prompts`` (new tokens only, up to EOS excluded)."""
-    tok = model.tokenizer
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = encode(model, [prompts[i] for i in idx])
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
-                  **generate_kwargs}
-        if not kwargs["do_sample"]:
-            kwargs.update(top_p=None, top_k=None, temperature=None)
-        ids = model.module.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-        stop = set(_eos_ids(model))
-        for i, row in zip(idx, ids[:, batch.input_ids.shape[1]:].tolist()):
-            cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-            out[i] = row[:cut]
-    return out
+    return [ps.generated_ids for ps in score_prompts(model, prompts, [[] for _ in prompts], max_new_tokens, batch_size)]
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -200,9 +299,28 @@ def _eos_ids(model: Any) -> list[int]:
 
 def generate(model: Any, prompts: str | Sequence[str], max_new_tokens: int = 20, batch_size: int = 32,
              **generate_kwargs: Any) -> str | list[str]:
-    """Greedy continuations of ``prompts`` (only the new text, special tokens removed)."""
+    """Continuations of ``prompts`` (only the new text, special tokens removed).
+
+    Greedy by default (through ``score_prompts``); any ``generate_kwargs`` (e.g. ``do_sample=True``)
+    go to Hugging Face's ``generate`` instead.
+    """
     single = isinstance(prompts, str)
     items = [prompts] if single else list(prompts)
-    rows = generate_ids(model, items, max_new_tokens, batch_size, **generate_kwargs)
+    rows = generate_ids(model, items, max_new_tokens, batch_size) if not generate_kwargs else \
+        _hf_generate_ids(model, items, max_new_tokens, batch_size, **generate_kwargs)
     out = [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     return out[0] if single else out
+
+
+@torch.no_grad()
+def _hf_generate_ids(model: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                     **kwargs: Any) -> list[list[int]]:
+    out: list[list[int]] = []
+    stop = set(_eos_ids(model))
+    for start in range(0, len(prompts), batch_size):
+        batch = encode(model, prompts[start:start + batch_size])
+        ids = model.module.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id, **kwargs)
+        for row in ids[:, batch.input_ids.shape[1]:].tolist():
+            out.append(row[: next((j for j, t in enumerate(row) if t in stop), len(row))])
+    return out

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from lmedit.evaluate.metrics import generation_matches, prob_success, token_agreement
 from lmedit.requests import EditRequest
-from lmedit.scoring import encode, generate_ids, score_continuations
+from lmedit.scoring import encode, score_prompts
 
 KINDS = ("rewrite", "rephrase", "locality", "portability")
 
@@ -60,27 +60,24 @@ def probe_items(requests: Sequence[EditRequest]) -> list[ProbeItem]:
 
 def score_items(model: Any, items: Sequence[ProbeItem], *, generation: bool = True, probability: bool = True,
                 batch_size: int = 64, max_new_tokens: int = 24) -> list[ItemScore]:
-    """Teacher-forced scores (and greedy generations) of every item, batched across items."""
-    tf = score_continuations(model, [it.prompt for it in items], [it.answer for it in items], batch_size)
-    scores = [ItemScore(s.token_ids, s.argmax_ids, s.mean_logprob, s.token_accuracy) for s in tf]
-    alt_idx = [k for k, it in enumerate(items) if probability and it.alt]
-    if alt_idx:
-        alt = score_continuations(model, [items[k].prompt for k in alt_idx], [items[k].alt for k in alt_idx], batch_size)
-        for k, s in zip(alt_idx, alt):
-            scores[k].alt_mean_logprob = s.mean_logprob
+    """Teacher-forced scores of each item's answer (and competing answer) and its greedy continuation.
+
+    One ``score_prompts`` call: each prompt runs once, whatever is scored or generated after it.
+    Generation runs for as many tokens as the longest accepted answer has, plus 2 to see the word end.
+    """
+    targets = [[it.answer] + ([it.alt] if probability and it.alt else []) for it in items]
+    need = [0] * len(items)
     if generation:
-        # Generate as many tokens as the longest accepted answer has (+2 to see the word end), per length bucket.
-        need = [min(max_new_tokens, 2 + max([len(scores[k].token_ids)] + [_n_tokens(model, it.prompt, a)
-                                                                           for a in it.aliases]))
-                for k, it in enumerate(items)]
-        order = sorted(range(len(items)), key=lambda k: (need[k], len(items[k].prompt)))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            rows = generate_ids(model, [items[k].prompt for k in chunk], max(need[k] for k in chunk), batch_size)
-            for k, row in zip(chunk, rows):
-                row = row[: need[k]]
-                scores[k].generated_ids = row
-                scores[k].generated = model.tokenizer.decode(row, skip_special_tokens=True)
+        need = [min(max_new_tokens, 2 + max(_n_tokens(model, it.prompt, a) for a in (it.answer, *it.aliases)))
+                for it in items]
+    results = score_prompts(model, [it.prompt for it in items], targets, need, batch_size)
+    scores = []
+    for it, r in zip(items, results):
+        main = r.continuations[0]
+        scores.append(ItemScore(main.token_ids, main.argmax_ids, main.mean_logprob, main.token_accuracy,
+                                r.continuations[1].mean_logprob if len(r.continuations) > 1 else None,
+                                model.tokenizer.decode(r.generated_ids, skip_special_tokens=True) if generation else None,
+                                r.generated_ids if generation else None))
     return scores
 
 
