@@ -79,6 +79,20 @@ def test_scores_do_not_depend_on_leading_space(smol):
     assert a.token_accuracy == 1.0
 
 
+def test_metrics_on_answers_the_model_knows(smol):
+    """SmolLM2 answers Paris: reliability metrics are 1 for ' Paris' against ' Rome' and 0 the other way."""
+    from lmedit.evaluate.probes import ProbeItem, score_items
+    from lmedit.evaluate.metrics import generation_matches
+
+    prompt = "The capital of France is"
+    good, bad = score_items(smol, [ProbeItem(0, "rewrite", prompt, "Paris", alt="Rome"),
+                                   ProbeItem(0, "rewrite", prompt, "Rome", alt="Paris")])
+    assert good.token_accuracy == 1.0 and generation_matches(good.generated, ["Paris"])
+    assert good.mean_logprob > good.alt_mean_logprob
+    assert bad.token_accuracy == 0.0 and not generation_matches(bad.generated, ["Rome"])
+    assert bad.mean_logprob < bad.alt_mean_logprob
+
+
 def test_gemma3_loads_and_edits():
     model = lmedit.load_model("gemma3-270m")
     spec = model.spec

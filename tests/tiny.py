@@ -35,7 +35,11 @@ CONFIGS = {
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random ``*ForCausalLM`` of the given architecture, in eval mode, float32."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    config = CONFIGS[arch]()
+    # Wider initialisation than the default 0.02, so that the random model's logits are not near-uniform
+    # and a small edit can make it confident (the default leaves every log-prob near -log V).
+    config.initializer_range = 0.2
+    model = tf.AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 

@@ -5,6 +5,8 @@
     lmedit generate --prompt ...       greedy continuation
     lmedit edit --prompt "The capital of {} is" --subject France --target " Rome" [--save DIR]
     lmedit apply DIR --prompt ...      load a saved patch, apply it, generate
+    lmedit eval --data counterfact --method ft-m --n 100 --protocol single
+    lmedit report runs/*               several runs as one table
 
 Every command takes ``--json`` for machine-readable output. Errors are one line on stderr, exit 1.
 """
@@ -142,6 +144,50 @@ def apply(directory: str = typer.Argument(..., help="a directory written by `lme
     _emit(as_json, {"model": m.name, "patch": directory, "method": patch.method,
                     "generations": [{"prompt": p, "output": o} for p, o in zip(prompt, outs)]},
           "\n".join(f"{p}\u2192{o}" for p, o in zip(prompt, outs)))
+
+
+@app.command("eval")
+def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (counterfact, zsre, …) or file path"),
+          method: str = typer.Option("ft-m", "--method", help="editing method, or 'none' for the unedited model"),
+          protocol: str = typer.Option("single", "--protocol", help="single, batch or sequential"),
+          n: Optional[int] = typer.Option(None, "--n", help="first N cases"),
+          batch_size: int = typer.Option(1, "--batch-size", help="cases per edit call (batch, sequential)"),
+          scoring: str = typer.Option("after_all", "--scoring", help="sequential: after_each or after_all"),
+          checkpoints: str = typer.Option("1,10,100,1000", "--checkpoints", help="sequential after_all: T values"),
+          hparam: list[str] = typer.Option([], "--hparam", help="hyper-parameter override key=value (repeatable)"),
+          out: Optional[str] = typer.Option(None, "--out", help="run directory (default: runs/<model>-<method>-…)"),
+          resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
+          no_generation: bool = typer.Option(False, "--no-generation", help="skip the generation metrics"),
+          seed: int = typer.Option(0, "--seed"),
+          model: str = ModelOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+          chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
+    """Edit and score a benchmark; writes cases.jsonl, summary.json, summary.md (and curves.png)."""
+    from pathlib import Path
+
+    from lmedit.evaluate import evaluate
+
+    try:
+        marks = [int(t) for t in checkpoints.split(",") if t.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--checkpoints takes comma-separated integers, got {checkpoints!r}") from None
+    run_dir = out or str(Path("runs") / "-".join([Path(model).name, method, Path(data).stem, protocol]))
+    m = _load(model, device, dtype, chat)
+    report = evaluate(m, None if method == "none" else method, data, protocol=protocol, n=n, batch_size=batch_size,
+                      scoring=scoring, checkpoints=marks, hparams=_parse_hparams(hparam), out_dir=run_dir,
+                      resume=resume, generation=not no_generation, seed=seed, progress=not as_json)
+    _emit(as_json, {"out": run_dir, "config": report.config, "summary": report.summary},
+          report.table() + f"\n\nwritten to {run_dir} ({report.config['wall_seconds']:.1f} s)")
+
+
+@app.command()
+def report(directories: list[str] = typer.Argument(..., help="run directories written by `lmedit eval`"),
+           as_json: bool = JsonOpt) -> None:
+    """Print several evaluation runs side by side as one table (method rows, metric columns)."""
+    from lmedit.evaluate import load_report, markdown_table
+
+    reports = [load_report(d) for d in directories]
+    _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in zip(directories, reports)]},
+          markdown_table(reports))
 
 
 def main() -> None:

@@ -1,0 +1,152 @@
+"""Evaluation metrics and protocols on hand-built cases whose right answers are known."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table
+from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
+                                     tfidf_cosine, token_agreement)
+from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
+from lmedit.methods.finetune import FTM
+from tiny import tiny
+
+# ----------------------------------------------------------------------------------- pure metrics
+
+
+def test_normalize_and_generation_match():
+    assert normalize("  Paris\n France ") == "paris france"
+    assert generation_matches(" Paris, France", ["Paris"])
+    assert generation_matches("paris", [" Paris"])
+    assert not generation_matches(" Parisian food", ["Paris"])  # must end at a word boundary
+    assert generation_matches(" Lyon", ["Paris", "Lyon"])  # any alias
+    assert not generation_matches(" Rome", ["Paris"])
+    assert not generation_matches("", ["Paris"])
+
+
+def test_token_agreement_and_prob_success():
+    assert token_agreement([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
+    assert token_agreement([], []) == 1.0
+    ok, mag = prob_success(math.log(0.6), math.log(0.2))
+    assert ok and mag == pytest.approx(0.4)
+    assert not prob_success(math.log(0.1), math.log(0.2))[0]
+
+
+def test_ngram_entropy_known_values():
+    assert ngram_entropy("the the the the the the") == 0.0  # one repeated bigram and trigram
+    # 5 distinct words: 4 distinct bigrams (log2 4 = 2 bits), 3 distinct trigrams (log2 3 bits).
+    expected = (2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2
+    assert ngram_entropy("a b c d e") == pytest.approx(expected)
+
+
+def test_tfidf_cosine_and_perplexity():
+    assert tfidf_cosine("paris is in france", ["paris is in france"]) == pytest.approx(1.0)
+    assert tfidf_cosine("rome italy", ["paris france"]) == 0.0
+    assert 0 < tfidf_cosine("paris is lovely", ["paris is in france"]) < 1
+    # two targets of 1 and 3 tokens with mean log-probs log(1/2) and log(1/4): exp(-(1·ln½ + 3·ln¼)/4)
+    assert perplexity([math.log(0.5), math.log(0.25)], [1, 3]) == pytest.approx(math.exp((math.log(2) + 3 * math.log(4)) / 4))
+
+
+def test_case_records_from_known_scores():
+    req = lmedit.EditRequest("The capital of {} is", "France", " Rome", " Paris", rephrases=["France's capital is"],
+                             locality=[{"prompt": "The capital of Spain is", "answer": " Madrid", "group": "neighborhood"}],
+                             portability=[{"prompt": "The capital of France is in", "answer": " Italy", "group": "Reasoning"}],
+                             case_id=7)
+    items = probe_items([req])
+    assert [it.kind for it in items] == ["rewrite", "rephrase", "locality", "portability"]
+    assert items[2].alt == " Rome" and items[0].alt == " Paris"
+    scores = [
+        ItemScore([5], [5], math.log(0.9), 1.0, math.log(0.05), " Rome.", [5, 9]),      # rewrite: hit
+        ItemScore([5], [6], math.log(0.2), 0.0, math.log(0.3), " Paris", [6]),          # rephrase: miss
+        ItemScore([8, 9], [8, 1], math.log(0.5), 0.5, math.log(0.1), " Madrid", [8, 1]),  # locality
+        ItemScore([4], [4], math.log(0.7), 1.0, None, " Italy", [4]),                    # portability
+    ]
+    baseline = {("The capital of Spain is", " Madrid"): ItemScore([8, 9], [8, 9], 0.0, 1.0, None, " Madrid", [8, 9])}
+    [rec] = case_records([req], items, scores, baseline)
+    assert rec["case_id"] == "7"
+    assert rec["rewrite_tf"] == 1.0 and rec["rewrite_em"] == 1.0 and rec["efficacy"] == 1.0
+    assert rec["efficacy_mag"] == pytest.approx(0.85)
+    assert rec["rephrase_tf"] == 0.0 and rec["rephrase_em"] == 0.0 and rec["paraphrase"] == 0.0
+    assert rec["locality_tf"] == 0.5  # one of two argmax tokens changed against the unedited model
+    assert rec["locality_em"] == 0.0 and rec["locality_acc"] == 0.5 and rec["neighborhood"] == 1.0
+    assert rec["portability_tf"] == 1.0 and rec["portability_em"] == 1.0 and rec["portability[Reasoning]_tf"] == 1.0
+    assert rec["rewrite_ppl"] == pytest.approx(1 / 0.9)
+
+
+# ----------------------------------------------------------------------------------- on a model
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", seed=1)
+
+
+def _requests(model, n=4):
+    prompts = [f"Fact number {i} is about" for i in range(n)]
+    return [lmedit.EditRequest(p, "Fact", f" zq{i}.", rephrases=[p.replace("Fact", "Fact")],
+                               locality=[{"prompt": f"Unrelated text {i} says", "answer": " hello"}], case_id=i)
+            for i, p in enumerate(prompts)]
+
+
+STRONG = dict(lr=1e-2, steps=60, stop_loss=0.01)
+
+
+def test_unedited_run_has_perfect_locality_and_writes_outputs(model, tmp_path):
+    report = evaluate(model, None, _requests(model), out_dir=tmp_path / "run", progress=False)
+    overall = report.summary["overall"]
+    assert overall["cases"] == 4 and overall["locality_tf"] == 1.0 and overall["locality_em"] == 1.0
+    assert report.config["protocol"] == "unedited" and report.config["model"]["fingerprint"] == model.fingerprint
+    lines = (tmp_path / "run" / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["case_id"] == "0"
+    loaded = load_report(tmp_path / "run")
+    assert loaded.summary == json.loads(json.dumps(report.summary))
+    assert "none (unedited)" in markdown_table([loaded])
+
+
+def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path):
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+    report = evaluate(model, "ft-m", _requests(model), hparams=STRONG, out_dir=tmp_path / "single", progress=False)
+    assert report.summary["overall"]["rewrite_tf"] == 1.0
+    assert report.summary["overall"]["rewrite_em"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
+    assert report.config["hparams"]["lr"] == STRONG["lr"] and report.config["hparams"]["layers"] is not None
+
+
+def test_sequential_after_all_curves_and_resume(model, tmp_path):
+    reqs = _requests(model, 4)
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+
+    class Dies(FTM):
+        """FT-M that crashes on its third call, like a killed run."""
+        calls = 0
+
+        def compute(self, *args, **kwargs):
+            Dies.calls += 1
+            if Dies.calls == 3:
+                raise KeyboardInterrupt
+            return super().compute(*args, **kwargs)
+
+    out = tmp_path / "seq"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters()), "a killed run restores the model"
+    with pytest.raises(EvalError, match="resume"):
+        evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
+    report = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, resume=True,
+                      progress=False)
+    assert sorted(report.summary["by_T"]) == [1, 2, 4]
+    assert report.summary["by_T"][4]["cases"] == 4 and report.summary["by_T"][1]["cases"] == 1
+    lines = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 + 2 + 4  # no record written twice
+    assert (out / "curves.png").stat().st_size > 1000
+    assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
+
+
+def test_bad_configuration_errors(model):
+    with pytest.raises(EvalError, match="protocol"):
+        evaluate(model, "ft-m", _requests(model), protocol="nope", progress=False)
+    with pytest.raises(EvalError, match="scoring"):
+        evaluate(model, "ft-m", _requests(model), scoring="sometimes", progress=False)
