@@ -172,7 +172,7 @@ def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (coun
         raise typer.BadParameter(f"--checkpoints takes comma-separated integers, got {checkpoints!r}") from None
     run_dir = out or str(Path("runs") / "-".join([Path(model).name, method, Path(data).stem, protocol]))
     m = _load(model, device, dtype, chat)
-    report = evaluate(m, None if method == "none" else method, data, protocol=protocol, n=n, batch_size=batch_size,
+    report = evaluate(m, None if method in ("none", "unedited") else method, data, protocol=protocol, n=n, batch_size=batch_size,
                       scoring=scoring, checkpoints=marks, hparams=_parse_hparams(hparam), out_dir=run_dir,
                       resume=resume, generation=not no_generation, seed=seed, progress=not as_json)
     _emit(as_json, {"out": run_dir, "config": report.config, "summary": report.summary},

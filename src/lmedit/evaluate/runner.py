@@ -89,7 +89,8 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
 
     Args:
         model: a loaded ``lmedit.Model`` with no patch applied.
-        method: a method name (``"ft-m"``), a ``Method`` instance, or ``None`` for the unedited model.
+        method: a method name (``"ft-m"``), a ``Method`` instance, or ``None`` for the unedited model
+            (all cases scored together; ``"none"`` instead runs the empty edit through the protocol).
         data: a dataset name or path (see ``lmedit.data.load_dataset``), a ``Dataset``, or ``EditRequest``s.
         n: use the first ``n`` cases.  batch_size: cases per edit call (batch and sequential protocols).
         scoring: ``after_each`` or ``after_all`` (sequential).  checkpoints: the T at which ``after_all`` scores.
@@ -107,8 +108,7 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
     if model.applied:
         raise EvalError("evaluate() needs the unedited model: revert the applied patches first")
     dataset, requests = _requests(data, n)
-    editor = None if method is None or method == "none" else (
-        get_method(method, **(hparams or {})) if isinstance(method, str) else method)
+    editor = None if method is None else (get_method(method, **(hparams or {})) if isinstance(method, str) else method)
     torch.manual_seed(seed)
     out = Path(out_dir) if out_dir is not None else None
     run = _Run(model, requests, out, generation)

@@ -6,10 +6,11 @@ from typing import Any, Sequence
 from lmedit.errors import EditError
 from lmedit.methods.base import HParams, Method, weight_transaction
 from lmedit.methods.finetune import FTL, FTM
+from lmedit.methods.noop import NoEdit
 from lmedit.patch import Patch
 from lmedit.requests import EditRequest
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FTM, FTL)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FTM, FTL, NoEdit)}
 
 
 def list_methods() -> list[str]:
