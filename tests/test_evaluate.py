@@ -13,6 +13,7 @@ from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normaliz
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
 from lmedit.methods.finetune import FTM
+from lmedit.scoring import generate
 from tiny import tiny
 
 # ----------------------------------------------------------------------------------- pure metrics
@@ -150,3 +151,34 @@ def test_bad_configuration_errors(model):
         evaluate(model, "ft-m", _requests(model), protocol="nope", progress=False)
     with pytest.raises(EvalError, match="scoring"):
         evaluate(model, "ft-m", _requests(model), scoring="sometimes", progress=False)
+
+
+def test_fluency_records_measure_generations(model):
+    from lmedit.evaluate.probes import fluency_records
+
+    reqs = [lmedit.EditRequest("Fact {} is", "A", " b.", generation_prompts=["Tell me about A", "A is"],
+                               meta={"reference_texts": ["A is a letter of the alphabet"]}),
+            lmedit.EditRequest("Fact {} is", "B", " c.")]
+    with_gen, without = fluency_records(model, reqs, max_new_tokens=20)
+    assert without == {}
+    texts = [generate(model, p, max_new_tokens=20) for p in reqs[0].generation_prompts]
+    assert with_gen["fluency"] == pytest.approx(sum(ngram_entropy(t) for t in texts) / 2)
+    assert 0.0 <= with_gen["consistency"] <= 1.0
+
+
+def test_multihop_record_edits_then_reverts(model):
+    from types import SimpleNamespace
+
+    from lmedit.evaluate.multihop import multihop_record
+
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+    question = "Q: Where is it?\nA:"
+    answer = generate(model, question, max_new_tokens=4)
+    case = SimpleNamespace(case_id=3, requests=[lmedit.EditRequest("Fact {} is", "A", " zq.")],
+                           questions=["Where is it?"], answer="nothing", answer_aliases=[],
+                           new_answer=answer, new_answer_aliases=[])
+    rec = multihop_record(model, FTM(**STRONG), case, max_new_tokens=4)
+    assert rec["case_id"] == "3" and rec["edit_acc"] == 1.0 and rec["multihop_old"] == 0.0
+    assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
+    unedited = multihop_record(model, None, case, max_new_tokens=4)
+    assert unedited["multihop_acc"] == 1.0 and unedited["answers"] == [answer]

@@ -15,9 +15,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Sequence
 
-from lmedit.evaluate.metrics import generation_matches, prob_success, token_agreement
+from lmedit.evaluate.metrics import generation_matches, ngram_entropy, prob_success, tfidf_cosine, token_agreement
 from lmedit.requests import EditRequest
-from lmedit.scoring import encode, score_prompts
+from lmedit.scoring import encode, generate, score_prompts
 
 KINDS = ("rewrite", "rephrase", "locality", "portability")
 
@@ -162,3 +162,25 @@ def case_records(requests: Sequence[EditRequest], items: Sequence[ProbeItem], sc
         rec.update({k: mean(v) for k, v in per_case[i].items()})
         records.append(rec)
     return records
+
+
+def fluency_records(model: Any, requests: Sequence[EditRequest], max_new_tokens: int = 100) -> list[dict[str, float]]:
+    """ROME's generation metrics per case, from free greedy generations after its ``generation_prompts``.
+
+    ``fluency``: mean weighted bi/tri-gram entropy of the generations; ``consistency``: TF-IDF cosine
+    between the generations and the case's ``meta["reference_texts"]`` (when the dataset has them).
+    Cases without generation prompts get an empty record.
+    """
+    prompts = [p for r in requests for p in r.generation_prompts]
+    texts = iter(generate(model, prompts, max_new_tokens=max_new_tokens) if prompts else [])
+    out: list[dict[str, float]] = []
+    for r in requests:
+        gens = [next(texts) for _ in r.generation_prompts]
+        rec: dict[str, float] = {}
+        if gens:
+            rec["fluency"] = mean(ngram_entropy(g) for g in gens)
+            refs = r.meta.get("reference_texts") if isinstance(r.meta, dict) else None
+            if refs:
+                rec["consistency"] = tfidf_cosine(" ".join(gens), refs)
+        out.append(rec)
+    return out

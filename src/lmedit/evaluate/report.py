@@ -10,7 +10,9 @@ COLUMNS = [
     ("rewrite_tf", "Rel.(tf)"), ("rewrite_em", "Rel.(gen)"), ("rephrase_tf", "Gen.(tf)"), ("rephrase_em", "Gen.(gen)"),
     ("locality_tf", "Loc.(tf)"), ("locality_em", "Loc.(gen)"), ("locality_acc", "Loc.acc"),
     ("portability_tf", "Port.(tf)"), ("portability_em", "Port.(gen)"), ("efficacy", "Eff."), ("paraphrase", "Para."),
-    ("neighborhood", "Neigh."), ("efficacy_mag", "Eff.mag"), ("rewrite_ppl", "PPL"), ("edit_seconds", "s/edit"),
+    ("neighborhood", "Neigh."), ("efficacy_mag", "Eff.mag"), ("fluency", "Fluency"), ("consistency", "Consist."),
+    ("multihop_acc", "Multi-hop"), ("multihop_q_acc", "MH q-acc"), ("multihop_old", "MH old"), ("edit_acc", "Edit acc"),
+    ("rewrite_ppl", "PPL"), ("edit_seconds", "s/edit"),
 ]
 
 

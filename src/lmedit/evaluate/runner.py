@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from lmedit.errors import LmeditError
-from lmedit.evaluate.probes import case_records, locality_baseline, probe_items, score_items
+from lmedit.evaluate.multihop import multihop_record
+from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_items
 from lmedit.models.bundled import cache_dir
 from lmedit.patch import Patch, WeightDelta
 from lmedit.requests import EditRequest
@@ -63,6 +64,7 @@ class _Run:
     requests: list[EditRequest]
     out_dir: Path | None
     generation: bool
+    fluency: bool = False
     done: set[tuple[str, int | None]] = field(default_factory=set)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -70,8 +72,10 @@ class _Run:
         reqs = [self.requests[i] for i in cases]
         items = probe_items(reqs)
         scores = score_items(self.model, items, generation=self.generation)
-        for rec in case_records(reqs, items, scores, baseline):
-            self.write({**rec, **extra})
+        records = case_records(reqs, items, scores, baseline)
+        fluent = fluency_records(self.model, reqs) if self.fluency else [{} for _ in reqs]
+        for rec, flu in zip(records, fluent):
+            self.write({**rec, **flu, **extra})
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -84,7 +88,7 @@ class _Run:
 def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str = "single", n: int | None = None,
              batch_size: int = 1, scoring: str = "after_all", checkpoints: Iterable[int] = (1, 10, 100, 1000),
              hparams: dict[str, Any] | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             generation: bool = True, seed: int = 0, progress: bool = True) -> Report:
+             generation: bool = True, fluency: bool = False, seed: int = 0, progress: bool = True) -> Report:
     """Edit and score the cases of ``data`` under ``protocol``; see the module docstring.
 
     Args:
@@ -96,6 +100,9 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         scoring: ``after_each`` or ``after_all`` (sequential).  checkpoints: the T at which ``after_all`` scores.
         out_dir: where ``cases.jsonl``, ``summary.json``, ``summary.md`` (and plots) go.
         resume: continue a killed run in ``out_dir``.  generation: also compute the generation metrics.
+        fluency: also generate 100 tokens after each case's generation prompts (fluency, consistency).
+
+    Multi-hop datasets (MQuAKE) are scored per case by ``multihop.multihop_record``.
     """
     from tqdm.auto import tqdm
 
@@ -111,7 +118,7 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
     editor = None if method is None else (get_method(method, **(hparams or {})) if isinstance(method, str) else method)
     torch.manual_seed(seed)
     out = Path(out_dir) if out_dir is not None else None
-    run = _Run(model, requests, out, generation)
+    run = _Run(model, requests, out, generation, fluency)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         cases_file = out / "cases.jsonl"
@@ -131,10 +138,17 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         "model": {"name": model.name, "fingerprint": model.fingerprint, "architecture": type(model.module).__name__,
                   "dtype": str(model.dtype), "device": str(model.device)},
         "dataset": dataset.describe() if dataset is not None else {"name": "requests", "n": len(requests)},
-        "generation_metrics": generation,
+        "generation_metrics": generation, "fluency_metrics": fluency,
         "lmedit_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
     }
     start = time.perf_counter()
+    cases = list(getattr(dataset, "cases", None) or [])[:n] if dataset is not None else []
+    if cases:
+        config["protocol"] = "multihop"
+        for case in tqdm(cases, desc="multi-hop", disable=not progress):
+            if (str(case.case_id), None) not in run.done:
+                run.write(multihop_record(model, editor, case))
+        return _finish(run, config, start, [], by_t=False)
     baseline = locality_baseline(model, probe_items(requests), cache_dir() / "eval")
     ids = [r.case_id if r.case_id is not None else str(i) for i, r in enumerate(requests)]
     bar = tqdm(total=len(requests), desc=f"{config['method']} {config['protocol']}", disable=not progress)
@@ -163,12 +177,15 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
             edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
     finally:
         bar.close()
-    wall = time.perf_counter() - start
-    config.update(wall_seconds=round(wall, 2), peak_memory_mb=_peak_memory_mb(model),
+    return _finish(run, config, start, edit_seconds,
+                   by_t=protocol == "sequential" and scoring == "after_all" and editor is not None)
+
+
+def _finish(run: _Run, config: dict[str, Any], start: float, edit_seconds: list[float], by_t: bool) -> Report:
+    config.update(wall_seconds=round(time.perf_counter() - start, 2), peak_memory_mb=_peak_memory_mb(run.model),
                   edit_seconds_mean=round(mean(edit_seconds), 4) if edit_seconds else None)
-    summary = summarize(run.records, by_t=protocol == "sequential" and scoring == "after_all" and editor is not None)
-    report = Report(config, run.records, summary, out)
-    if out is not None:
+    report = Report(config, run.records, summarize(run.records, by_t=by_t), run.out_dir)
+    if run.out_dir is not None:
         _write_outputs(report)
     return report
 
