@@ -24,3 +24,7 @@ class PatchError(LmeditError):
 
 class EditError(LmeditError):
     """An editing method failed; the model's weights were left exactly as they were."""
+
+
+class DataError(LmeditError, ValueError):
+    """A dataset file or record is malformed (the message names the file, record index and field)."""
