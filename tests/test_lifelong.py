@@ -152,3 +152,159 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
     patch.save(tmp_path / "ike")
     with Patch.load(tmp_path / "ike").applied(model):
         assert model.format_prompt("The colour of grass is") == text
+
+
+# ---------------------------------------------------------------------------- WISE
+
+from lmedit.methods.wise import Memory, SideMemory, SideMemoryEdit, ties_merge  # noqa: E402
+
+UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
+# Tiny random models have small activations: margins scaled to them (the published ones suit 7B models).
+TINY_WISE = dict(layer=1, alpha=0.5, beta=3.0, gamma=2.0, steps=40, lr=1.0, irrelevant=UNRELATED,
+                 n_irrelevant=2, context_lengths=((3, 2),))
+
+
+def _side(model) -> SideMemory:
+    [side] = adaptors(model).values()
+    return side
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_side_memory_output_is_the_side_weight_when_routed(arch):
+    """Routed rows compute ``(W + τ) a`` exactly; rows below the threshold run the main memory."""
+    model = tiny(arch)
+    path = model.spec.path(1, "mlp_out")
+    param = model.parameter(f"{path}.weight")
+    d_model, d_mlp = model.spec.hidden_size, model.spec.mlp_size
+    tau = torch.randn(d_model, d_mlp, generator=torch.Generator().manual_seed(0)) * 0.05
+    prompt = "The colour of grass is"
+    before = _logits(model, prompt)
+    saved = param.detach().clone()
+    with torch.no_grad():  # the reference: really add τ to W (Conv1D stores W transposed)
+        param.add_(tau.T if param.shape == (d_mlp, d_model) else tau)
+        reference = _logits(model, prompt)
+        param.copy_(saved)
+    always = Memory("m", 0, tau, None, 1, 0.0, 1.0)  # threshold 0: every input is routed to it
+    patch = Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [always])], {})
+    with patch.applied(model):
+        assert torch.allclose(_logits(model, prompt), reference, atol=1e-5)
+        assert _side(model).route(torch.zeros(1, 1, d_mlp)).tolist() in ([0], [-1])
+    never = Memory("n", 0, tau, None, 1, float("inf"), 1.0)
+    with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [never])], {}).applied(model):
+        assert torch.equal(_logits(model, prompt), before)
+    assert not adaptors(model)
+
+
+def test_ties_merge_trims_elects_and_averages():
+    a, b = torch.tensor([1.0, -2.0, 0.0, 0.5]), torch.tensor([3.0, 1.0, 0.0, -0.1])
+    # density 1: sign of the sum (+, -, +, +); entries agreeing with it averaged; zeros never vote
+    assert ties_merge([a, b], 1.0).tolist() == pytest.approx([2.0, -2.0, 0.0, 0.5])
+    # density 0.5: each keeps its 2 largest |entries| (a: 1, -2; b: 3, 1)
+    assert ties_merge([a, b], 0.5).tolist() == pytest.approx([2.0, -2.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wise_edit_writes_side_memory_routes_and_reverts(arch, tmp_path):
+    model = tiny(arch)
+    before_other = _logits(model, OTHER)
+    before = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    patch = lmedit.edit(model, EDIT, method="wise", **TINY_WISE)
+    assert not adaptors(model)  # edit() leaves the model as it was
+    assert patch.info["in_scope_act"] > patch.info["out_scope_act"]
+    patch.apply(model)
+    side = _side(model)
+    [memory] = side.memories
+    assert memory.mask is not None and memory.edits == 1
+    changed = memory.delta != 0
+    assert bool(changed.any()) and not bool((changed & ~memory.mask).any())  # only the shard's masked entries
+    assert float(memory.delta.abs().max()) <= 1.0  # the norm constraint
+    after = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    assert side._route.tolist() == [0] and after > before + 1.0
+    assert torch.equal(_logits(model, OTHER), before_other)  # unrelated input: routed to the main memory
+    assert side._route.tolist() == [-1]
+    patch.revert()
+    assert not adaptors(model) and torch.equal(_logits(model, OTHER), before_other)
+    patch.save(tmp_path / "w")
+    with Patch.load(tmp_path / "w").applied(model):
+        again = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    assert again == pytest.approx(after, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode, shards_per_memory", [("merge", [4]), ("retrieve", [2, 2])])
+def test_wise_shards_close_merge_and_revert_exactly(mode, shards_per_memory):
+    model = tiny("llama", seed=3)
+    hp = {**TINY_WISE, "steps": 3, "shard_size": 1, "merge_every": 2, "mode": mode}
+    requests = [lmedit.EditRequest(f"Fact {i} is about ", "Fact", "zqxy"[i]) for i in range(4)]
+    patches, states = [], []
+    for r in requests:
+        states.append([(m.id, m.version, m.delta.clone()) for m in _side(model).memories] if adaptors(model) else [])
+        patches.append(lmedit.edit(model, r, method="wise", **hp).apply(model))
+    side = _side(model)
+    assert patches[0].info["merged"] is False and patches[1].info["merged"] is True
+    # merge: every merge takes in all memories; retrieve: only the shards since the last merge
+    assert [m.shards for m in side.memories] == shards_per_memory == [m.edits for m in side.memories]
+    assert all(m.mask is None and m.merged for m in side.memories)
+    [first] = patches[0].components[0].after
+    assert first.mask is None and not first.merged and first.edits == 1  # shard_size 1: closed at once
+    for patch, state in zip(reversed(patches), reversed(states)):
+        patch.revert()
+        now = [(m.id, m.version, m.delta) for m in _side(model).memories] if adaptors(model) else []
+        assert [(i, v) for i, v, _ in now] == [(i, v) for i, v, _ in state]
+        assert all(torch.equal(d, e) for (_, _, d), (_, _, e) in zip(now, state))
+    assert not adaptors(model)
+
+
+def test_wise_sequential_run_checkpoints_and_restores(tmp_path):
+    model = tiny("llama", seed=2)
+    requests = [lmedit.EditRequest(f"Fact {i} is about ", "Fact", "zqxy"[i], case_id=i) for i in range(3)]
+    report = evaluate(model, "wise", requests, protocol="sequential", scoring="after_all", checkpoints=[2],
+                      hparams={**TINY_WISE, "steps": 5}, out_dir=tmp_path / "run", progress=False, generation=False)
+    assert not adaptors(model)
+    assert set(report.summary["by_T"]) == {2, 3}
+    state = Patch.load(tmp_path / "run" / "state" / "patch")
+    [component] = [c for c in state.components if isinstance(c, SideMemoryEdit)]
+    assert sum(m.edits for m in component.after) == 3
+
+
+def test_wise_rejects_bad_settings():
+    model = tiny("llama")
+    from lmedit.errors import EditError
+
+    with pytest.raises(EditError, match="mode"):
+        lmedit.edit(model, EDIT, method="wise", mode="both", irrelevant=UNRELATED)
+
+
+# ---------------------------------------------------------------------------- DEFER
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_defer_gate_opens_on_the_edit_only_and_reverts(arch, tmp_path):
+    from lmedit.methods.defer import DeferralAdaptor
+
+    model = tiny(arch)
+    before_other = _logits(model, UNRELATED[0])
+    before = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    hp = dict(layer=1, lr=1e-2, gate_lr=5e-2, steps=60, irrelevant=UNRELATED, n_irrelevant=2)
+    patch = lmedit.edit(model, EDIT, method="defer", **hp)
+    assert not adaptors(model)
+    patch.apply(model)
+    [gate] = adaptors(model).values()
+    assert isinstance(gate, DeferralAdaptor)
+    after = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    assert after > before + 1.0
+    assert torch.equal(_logits(model, UNRELATED[0]), before_other)  # the gate stays shut: untouched
+    assert float(gate.last_gate.max()) < 0.5
+    second = lmedit.edit(model, lmedit.EditRequest("The sound of {} is ", "rain", "Q"), method="defer", **hp)
+    second.apply(model)
+    assert gate.version == 1
+    from lmedit.errors import PatchError
+
+    with pytest.raises(PatchError, match="last"):
+        patch.revert()  # not the last DEFER patch applied
+    second.revert()
+    assert score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob == pytest.approx(after, abs=1e-6)
+    patch.revert()
+    assert not adaptors(model)
+    patch.save(tmp_path / "d")
+    with Patch.load(tmp_path / "d").applied(model):
+        again = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
+    assert again == pytest.approx(after, abs=1e-6)

@@ -18,7 +18,12 @@ from lmedit.models.spec import get_module
 
 
 class Adaptor:
-    """Base class: owns one forward hook on ``path``; subclasses implement ``forward``."""
+    """Base class: owns one forward hook on ``path``; subclasses implement ``forward``.
+
+    Attributes named in ``transient`` (hook handles, per-call caches) are not copied by ``deepcopy``.
+    """
+
+    transient: tuple[str, ...] = ("_handle",)
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -54,8 +59,7 @@ class Adaptor:
 
     def __deepcopy__(self, memo: dict) -> "Adaptor":
         clone = copy.copy(self)
-        clone.__dict__ = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_handle"}
-        clone._handle = None
+        clone.__dict__ = {k: (None if k in self.transient else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
         return clone
 
 

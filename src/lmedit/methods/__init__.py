@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 from lmedit.errors import EditError
 from lmedit.methods.base import HParams, Method, weight_transaction
+from lmedit.methods.defer import DEFER
 from lmedit.methods.finetune import FTEWC, FTL, FTM, LoRA
 from lmedit.methods.grace import GRACE
 from lmedit.methods.ike import IKE
@@ -12,10 +13,11 @@ from lmedit.methods.knowledge_neurons import KnowledgeNeurons
 from lmedit.methods.memit import EMMET, MEMIT, PMET, AlphaEdit
 from lmedit.methods.noop import NoEdit
 from lmedit.methods.rome import ROME
+from lmedit.methods.wise import WISE
 from lmedit.patch import Patch
 from lmedit.requests import EditRequest
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FTM, FTL, LoRA, FTEWC, ROME, MEMIT, PMET, EMMET, AlphaEdit, KnowledgeNeurons, GRACE, IKE, NoEdit)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FTM, FTL, LoRA, FTEWC, ROME, MEMIT, PMET, EMMET, AlphaEdit, KnowledgeNeurons, GRACE, WISE, DEFER, IKE, NoEdit)}
 
 
 def list_methods() -> list[str]:
