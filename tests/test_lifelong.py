@@ -298,7 +298,7 @@ def test_defer_gate_opens_on_the_edit_only_and_reverts(arch, tmp_path):
     assert gate.version == 1
     from lmedit.errors import PatchError
 
-    with pytest.raises(PatchError, match="last"):
+    with pytest.raises(PatchError, match="reverse order"):
         patch.revert()  # not the last DEFER patch applied
     second.revert()
     assert score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob == pytest.approx(after, abs=1e-6)
