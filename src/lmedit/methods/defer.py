@@ -4,12 +4,14 @@ Beside one layer's ``W_out`` sit a **gate** ``g(a) = σ(w·a + b)`` and an **ada
 (``V`` starts as a copy of ``W_out``, so an untrained adaptor changes nothing). For the key ``a_t`` at
 each position, the layer's output becomes ``u(a_t)`` where ``g(a_t) ≥ threshold`` (0.5) and stays
 ``W_out a_t`` elsewhere. Training uses the soft mixture ``g·u(a) + (1 − g)·W_out a`` at every position
-and minimises, with Adam (lr 7e-5, 100 steps: the reference toolkit's settings for Llama-2),
+and minimises, with Adam (adaptor lr 5e-4, gate lr 1e-3, 50 steps),
 
     L = NLL(y | x_e) + BCE(g, 1) on x_e's positions from its last prompt token on
                      + BCE(g, 0) on every position of unrelated sentences x_irr.
 
-The gate and adaptor are shared by all edits and trained further by each new one (without replay),
+The reference toolkit's Llama-2 setting (lr 7e-5, 100 steps, for an adaptor initialised at random)
+leaves a SmolLM2 ZsRE edit unlearned (target NLL 0.78 after 100 steps); from the ``W_out`` copy,
+lr 5e-4 reaches NLL 0.01–0.13 in 50 steps. The gate and adaptor are shared by all edits and trained further by each new one (without replay),
 which is the baseline's known weakness in lifelong use: later edits overwrite earlier ones. A patch
 holds the whole gate/adaptor state before and after the edit, so it reverts exactly.
 """
@@ -148,9 +150,9 @@ class DEFERHParams(HParams):
     """
 
     layer: int | None = None
-    lr: float = 7e-5
+    lr: float = 5e-4
     gate_lr: float = 1e-3
-    steps: int = 100
+    steps: int = 50
     threshold: float = 0.5
     n_irrelevant: int = 4
     corpus: str | None = None
