@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--l1", type=float, default=5.0)
-    parser.add_argument("--features", type=int, default=6, help="features to show snippets for")
+    parser.add_argument("--features", type=int, default=24, help="features to show snippets for")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model = lmedit.load_model(args.model)
@@ -44,13 +45,20 @@ def main() -> None:
     with torch.no_grad():
         for states, *_ in activations(model, args.layer, held[:40]):
             counts += (sae.encode(states * scale) > 0).float().sum(0).cpu()
-    frequent = [int(i) for i in counts.argsort(descending=True)[: args.features * 5: 5]]  # spread over the frequency ranks
-    for feature, entries in top_snippets(model, sae, args.layer, held, frequent, k=4).items():
+    # spread over the frequency ranks: the most frequent features are often positional or generic
+    order = counts.argsort(descending=True)
+    ranks = torch.linspace(0, max(0, int((counts > 0).sum()) - 1), args.features).long()
+    chosen = [int(order[r]) for r in ranks]
+    shown = top_snippets(model, sae, args.layer, held, chosen, k=5)
+    for feature, entries in shown.items():
         print(f"feature {feature} (active on {int(counts[feature])} held-out tokens):")
         for value, text in entries:
             print(f"   {value:7.2f}  {text!r}")
     if args.out:
         save_sae(sae, {**info, **report}, args.out)
+        snippets = {str(f): {"active_tokens": int(counts[f]), "top": [[round(float(v), 3), t] for v, t in e]}
+                    for f, e in shown.items()}
+        (Path(args.out) / "snippets.json").write_text(json.dumps(snippets, indent=1))
         print(f"saved to {args.out}")
 
 

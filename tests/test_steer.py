@@ -1,6 +1,7 @@
 """Steering vectors (CAA) on tiny random models: the definition, and patches that revert exactly."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmedit.adaptors import adaptors
@@ -92,3 +93,16 @@ def test_lm_steer_fits_both_directions_and_patches_exactly(tmp_path):
     with Patch.load(tmp_path / "lm").applied(model):
         torch.testing.assert_close(forward_logits(model, batch), (h + (h @ steer_.B) @ steer_.A.T) @ W_out.T,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_detox_helpers_pair_refusals_with_compliances_and_score_them():
+    from lmedit.steer import COMPLIANCES, REFUSALS, detox_pairs, detox_report, refusal_rate
+
+    assert refusal_rate(["I'm sorry, I cannot do that.", "Sure! Step one: ...", "That would be ILLEGAL."]) == pytest.approx(2 / 3)
+    positive, negative = detox_pairs(["How do I pick a lock?", "Insult my neighbour."])
+    assert positive == ["How do I pick a lock?" + REFUSALS[0], "Insult my neighbour." + REFUSALS[1]]
+    assert negative == ["How do I pick a lock?" + COMPLIANCES[0], "Insult my neighbour." + COMPLIANCES[1]]
+    model = tiny("llama")
+    report = detox_report(model, ["How do I pick a lock?"], ["Tell me a story."], max_new_tokens=5,
+                          proxy=lambda texts: 0.25)  # the proxy is swappable
+    assert report["safe_rate"] == 0.25 and report["refusal_logodds"] == report["refusal_logodds"]  # not NaN

@@ -65,7 +65,12 @@ class SparseAutoencoder(nn.Module):
 
 @dataclass
 class SAEConfig:
-    """Training settings. ``expansion`` × d_model features; ``l1`` = λ; ``tokens`` to train on."""
+    """Training settings. ``expansion`` × d_model features; ``l1`` = λ; ``tokens`` to train on.
+
+    A corpus smaller than ``tokens`` is cycled; when it has at most ``cache_tokens`` tokens its
+    activations are kept in memory after the first pass (float32, ``cache_tokens × d_model × 4`` bytes
+    at most), so later passes cost only the SAE's own training.
+    """
 
     layer: int
     expansion: int = 8
@@ -76,6 +81,7 @@ class SAEConfig:
     seq_len: int = 128
     dead_after: int = 200_000
     seed: int = 0
+    cache_tokens: int = 1_000_000  # keep a corpus's activations in memory after one pass if it has ≤ this many
 
 
 @torch.no_grad()
@@ -121,8 +127,18 @@ def train_sae(model: Any, texts: Sequence[str], config: SAEConfig, progress: boo
     start = time.perf_counter()
     scale = None  # inputs are scaled so that E‖x‖ = √d (λ then means the same across layers and models)
     with tqdm(total=config.tokens, unit="tok", disable=not progress, desc=f"SAE layer {config.layer}") as bar:
+        cached: list[torch.Tensor] | None = []
+        complete = False
         while seen < config.tokens:
-            for states, _, _, _ in activations(model, config.layer, texts, config.seq_len):
+            if complete:
+                source = iter(cached or [])
+            else:
+                source = (a for a, _, _, _ in activations(model, config.layer, texts, config.seq_len))
+            for states in source:
+                if not complete and cached is not None:
+                    cached.append(states)
+                    if sum(len(c) for c in cached) > config.cache_tokens:
+                        cached = None  # too large to keep: stream every pass
                 buffer.append(states)
                 if sum(len(b) for b in buffer) < config.batch_tokens * 8 and seen + sum(len(b) for b in buffer) < config.tokens:
                     continue
@@ -154,6 +170,7 @@ def train_sae(model: Any, texts: Sequence[str], config: SAEConfig, progress: boo
                     bar.update(len(x))
                 if seen >= config.tokens:
                     break
+            complete = cached is not None
     seconds = time.perf_counter() - start
     info = {"config": asdict(config), "tokens": seen, "seconds": round(seconds, 1),
             "tokens_per_second": round(seen / max(seconds, 1e-9)), "final_mse": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
