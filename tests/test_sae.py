@@ -37,3 +37,25 @@ def test_train_sae_reconstructs_and_reports(tmp_path):
     assert set(snippets) == {0, 1} and all("«" in s for entries in snippets.values() for _, s in entries)
     with feature_steering(model, sae, 1, 0, 3.0).applied(model):
         pass
+
+
+def test_cached_activations_train_the_same_sae_as_streaming(monkeypatch):
+    """The in-memory activation cache changes the cost of later passes, not the result."""
+    import lmedit.sae as sae_module
+
+    model = tiny("llama")
+    calls = []
+    original = sae_module.activations
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(sae_module, "activations", counted)
+    base = dict(layer=1, expansion=2, l1=0.5, lr=3e-3, tokens=6_000, batch_tokens=128)
+    cached, _ = train_sae(model, TEXTS[:10], SAEConfig(**base), progress=False)
+    passes_cached = len(calls)
+    streamed, _ = train_sae(model, TEXTS[:10], SAEConfig(**base, cache_tokens=0), progress=False)
+    assert passes_cached == 1 and len(calls) - passes_cached > 1  # the corpus is cycled several times
+    torch.testing.assert_close(cached.W_e, streamed.W_e)
+    torch.testing.assert_close(cached.W_d, streamed.W_d)
