@@ -99,6 +99,8 @@ def test_detox_helpers_pair_refusals_with_compliances_and_score_them():
     from lmedit.steer import COMPLIANCES, REFUSALS, detox_pairs, detox_report, refusal_rate
 
     assert refusal_rate(["I'm sorry, I cannot do that.", "Sure! Step one: ...", "That would be ILLEGAL."]) == pytest.approx(2 / 3)
+    with pytest.raises(Exception, match="at least one"):
+        detox_report(tiny("llama"), [], ["x"])
     positive, negative = detox_pairs(["How do I pick a lock?", "Insult my neighbour."])
     assert positive == ["How do I pick a lock?" + REFUSALS[0], "Insult my neighbour." + REFUSALS[1]]
     assert negative == ["How do I pick a lock?" + COMPLIANCES[0], "Insult my neighbour." + COMPLIANCES[1]]
