@@ -96,6 +96,31 @@ def test_grace_on_smollm2_sequential_edits():
     assert not adaptors(model)
 
 
+
+@pytest.mark.real
+def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
+    from lmedit.scoring import generate
+
+    model = lmedit.load_model("smollm2-135m")
+    requests = [lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome"),
+                lmedit.EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")]
+    other = ["The capital of France is", "The Colosseum is located in the city of", "Water boils at a temperature of"]
+    logits_before = [_logits(model, p) for p in other]
+    weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    patches = []
+    for request in requests:  # sequential: the second edit trains the same shard with the first applied
+        patches.append(lmedit.edit(model, request, method="wise").apply(model))
+    [side] = adaptors(model).values()
+    assert len(side.memories) == 1 and side.memories[0].edits == 2
+    out = generate(model, [r.prompt for r in requests], max_new_tokens=3)
+    assert out[0].startswith(" Rome") and out[1].startswith(" English"), out
+    for prompt, before in zip(other, logits_before):  # not routed: the side memory leaves them bit-identical
+        assert torch.equal(_logits(model, prompt), before), prompt
+    assert all(torch.equal(weights[n], p) for n, p in model.module.named_parameters())  # W itself never changes
+    for patch in reversed(patches):
+        patch.revert()
+    assert not adaptors(model)
+
 # ---------------------------------------------------------------------------- fine-tuning baselines
 
 def _params(model):

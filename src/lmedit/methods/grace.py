@@ -87,7 +87,9 @@ class Codebook(Adaptor):
             return None
         keys = self.keys.to(x.device)
         flat = x.reshape(-1, x.shape[-1]).float()
-        d = torch.cdist(flat, keys)  # [positions, entries]
+        # [positions, entries]; the matrix-product form (‖x‖² − 2x·k + ‖k‖²) keeps a query against 10k
+        # entries a single matmul even for one position (cdist's default switches to it only above 25 rows)
+        d = torch.cdist(flat, keys, compute_mode="use_mm_for_euclid_dist")
         dist, idx = d.min(dim=1)
         hit = dist <= self.eps.to(x.device)[idx]
         if not bool(hit.any()):
