@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--state", help="time this checkpointed edit state (a sequential run's state dir)")
+    parser.add_argument("--only", nargs="+", choices=["grace", "wise", "ike", "defer"],
+                        default=["grace", "wise", "ike", "defer"], help="the memory editors to time")
     args = parser.parse_args()
 
     model = lmedit.load_model(args.model)
@@ -122,13 +124,16 @@ def main() -> None:
     else:
         stats = layer_inputs(model, path, prompts[:20])
         for T in args.T:
-            configs[f"GRACE T={T}"] = lambda T=T: grace(model, T, path, stats)
-            for mode in ("merge", "retrieve"):
+            if "grace" in args.only:
+                configs[f"GRACE T={T}"] = lambda T=T: grace(model, T, path, stats)
+            for mode in ("merge", "retrieve") if "wise" in args.only else ():
                 for routed in (False, True):
                     configs[f"WISE-{mode.capitalize()} T={T} {'routed' if routed else 'routing only'}"] = \
                         lambda T=T, mode=mode, routed=routed: wise(model, T, path, mode, routed)
-            configs[f"IKE T={T}"] = lambda T=T: ike(model, T, facts)
-        configs["DEFER (any T)"] = lambda: defer(model, path)
+            if "ike" in args.only:
+                configs[f"IKE T={T}"] = lambda T=T: ike(model, T, facts)
+        if "defer" in args.only:
+            configs["DEFER (any T)"] = lambda: defer(model, path)
 
     patches = {name: make() for name, make in configs.items()}
     names = ["unedited", *patches]

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Sequential (lifelong) editing on ZsRE, scored after_all at T checkpoints: AlphaEdit and MEMIT in
-# batches of 100, ROME and GRACE one edit at a time, FT-M for reference. Resumable (re-run to continue;
-# the accumulated edit is checkpointed in runs/<name>/state).
-#   T=1000 benchmarks/sequential_tables.sh smollm2-135m      then: lmedit report runs/*-sequential
+# Sequential (lifelong) editing scored after_all at T checkpoints: the lifelong table (FT-L, FT-EWC,
+# LoRA, GRACE, WISE-Merge, WISE-Retrieve, DEFER, one edit at a time) and the locate-then-edit methods
+# (AlphaEdit and MEMIT in batches of 100, ROME one by one). Resumable: re-run to continue (the
+# accumulated edit is checkpointed in runs/<name>/state; long runs can be done in pieces).
+#   T=1000 benchmarks/sequential_tables.sh smollm2-135m              then: lmedit report runs/*-sequential-*
+#   DATA=hallucination T=600 METHODS="grace wise" benchmarks/sequential_tables.sh
 set -euo pipefail
 models=${*:-smollm2-135m}
 T=${T:-1000}
+DATA=${DATA:-zsre}
+METHODS=${METHODS:-ft-l ft-ewc lora grace wise wise-retrieve defer alphaedit memit rome}
+checkpoints=$(for t in 1 10 100 600 1000 10000; do [ "$t" -le "$T" ] && printf '%s,' "$t"; done)
 for model in $models; do
-  for method in alphaedit memit; do
-    lmedit eval --model "$model" --data zsre --n "$T" --method "$method" --protocol sequential --batch-size 100 \
-      --scoring after_all --checkpoints 100,200,500,1000 --out "runs/$model-zsre-$method-sequential" --resume
-  done
-  for method in grace rome ft-m; do
-    lmedit eval --model "$model" --data zsre --n "$T" --method "$method" --protocol sequential \
-      --scoring after_all --checkpoints 1,10,100,1000 --out "runs/$model-zsre-$method-sequential" --resume
+  for method in $METHODS; do
+    args=(--method "$method")
+    case $method in
+      wise-retrieve) args=(--method wise --hparam mode=retrieve) ;;
+      alphaedit|memit) args+=(--batch-size 100) ;;
+    esac
+    lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
+      --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume
   done
 done
-lmedit report runs/*-sequential
+lmedit report runs/*-sequential-*
