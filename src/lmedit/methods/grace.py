@@ -41,6 +41,8 @@ from lmedit.scoring import encode, forward_logits, target_logprobs
 class Codebook(Adaptor):
     """GRACE's codebook on one module (see the module docstring)."""
 
+    transient = ("_handle", "_squared_norms")
+
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.ids: list[str] = []
@@ -48,6 +50,7 @@ class Codebook(Adaptor):
         self.keys = torch.zeros(0)
         self.values = torch.zeros(0)
         self.eps = torch.zeros(0)
+        self._squared_norms: torch.Tensor | None = None  # ‖k‖² per entry, recomputed when entries change
 
     def is_empty(self) -> bool:
         return not self.ids
@@ -62,12 +65,14 @@ class Codebook(Adaptor):
         self.eps = eps if self.is_empty() else torch.cat([self.eps, eps])
         self.ids += list(ids)
         self.labels += list(labels)
+        self._squared_norms = None
 
     def remove(self, ids: Sequence[str]) -> None:
         keep = [i for i, x in enumerate(self.ids) if x not in set(ids)]
         self.keys, self.values, self.eps = self.keys[keep], self.values[keep], self.eps[keep]
         self.ids = [self.ids[i] for i in keep]
         self.labels = [self.labels[i] for i in keep]
+        self._squared_norms = None
 
     def as_component(self) -> "CodebookEdit":
         """The whole codebook as one component (applied to a model without one, it recreates it)."""
@@ -87,10 +92,12 @@ class Codebook(Adaptor):
             return None
         keys = self.keys.to(x.device)
         flat = x.reshape(-1, x.shape[-1]).float()
-        # [positions, entries]; the matrix-product form (‖x‖² − 2x·k + ‖k‖²) keeps a query against 10k
-        # entries a single matmul even for one position (cdist's default switches to it only above 25 rows)
-        d = torch.cdist(flat, keys, compute_mode="use_mm_for_euclid_dist")
-        dist, idx = d.min(dim=1)
+        # nearest entry by ‖k‖² − 2 x·k (‖x − k‖² up to the row's constant ‖x‖²): one matrix product, so a
+        # query against 10k entries stays cheap; the chosen entry's distance is then computed exactly
+        if self._squared_norms is None or self._squared_norms.device != x.device:
+            self._squared_norms = (keys * keys).sum(1)
+        idx = (self._squared_norms[None] - 2 * flat @ keys.T).argmin(dim=1)
+        dist = torch.linalg.vector_norm(flat - keys[idx], dim=1)
         hit = dist <= self.eps.to(x.device)[idx]
         if not bool(hit.any()):
             return None
