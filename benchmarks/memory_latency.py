@@ -42,17 +42,17 @@ from lmedit.methods.grace import CodebookEdit
 from lmedit.methods.ike import ContextFacts
 from lmedit.methods.wise import Memory, SideMemoryEdit
 from lmedit.patch import Patch
-from lmedit.scoring import generate, join
+from lmedit.scoring import generate, join, tokenize
 
 
 def layer_inputs(model: Any, path: str, prompts: list[str]) -> torch.Tensor:
     """The real inputs ``[n_tokens, d_mlp]`` of module ``path`` over ``prompts`` (for key statistics)."""
     rows = []
     for p in prompts:
-        ids = torch.tensor([lmedit.scoring.tokenize(model, p)[0]], device=model.device)
+        ids = torch.tensor([tokenize(model, p)[0]], device=model.device)
         with Hooks(model.module) as hooks, torch.no_grad():
             key = hooks.read(path, "input")
-            model.module(input_ids=ids, use_cache=False, logits_to_keep=1)
+            hooks.forward_until(path, model.module, input_ids=ids, use_cache=False)  # the layers above never run
             rows.append(hooks[key][0].float().cpu())
     return torch.cat(rows)
 

@@ -96,7 +96,6 @@ def test_grace_on_smollm2_sequential_edits():
     assert not adaptors(model)
 
 
-
 @pytest.mark.real
 def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
     from lmedit.scoring import generate
@@ -106,7 +105,7 @@ def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
                 lmedit.EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")]
     other = ["The capital of France is", "The Colosseum is located in the city of", "Water boils at a temperature of"]
     logits_before = [_logits(model, p) for p in other]
-    weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    weights = _params(model)
     patches = []
     for request in requests:  # sequential: the second edit trains the same shard with the first applied
         patches.append(lmedit.edit(model, request, method="wise").apply(model))
@@ -120,6 +119,7 @@ def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
     for patch in reversed(patches):
         patch.revert()
     assert not adaptors(model)
+
 
 # ---------------------------------------------------------------------------- fine-tuning baselines
 
