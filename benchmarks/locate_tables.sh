@@ -9,10 +9,12 @@ DATA=${DATA:-counterfact zsre}
 METHODS=${METHODS:-rome memit emmet alphaedit pmet ft-m}
 for model in $models; do
   for data in $DATA; do
-    lmedit eval --model "$model" --data "$data" --n "$N" --method none --out "runs/$model-$data-none" --resume
+    # the unedited baseline (one per model and data set; its first N cases are the reference)
+    [ -e "runs/$model-$data-none/summary.json" ] ||
+      lmedit eval --model "$model" --data "$data" --n "$N" --method none --out "runs/$model-$data-none" --resume
     for method in $METHODS; do
       lmedit eval --model "$model" --data "$data" --n "$N" --method "$method" --protocol single \
-        --out "runs/$model-$data-$method-single" --resume
+        --out "runs/$model-$data-$method-single-$N" --resume
     done
   done
 done

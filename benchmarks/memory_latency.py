@@ -40,7 +40,7 @@ from lmedit.hooks import Hooks
 from lmedit.methods.defer import DEFER, DeferralEdit
 from lmedit.methods.grace import CodebookEdit
 from lmedit.methods.ike import ContextFacts
-from lmedit.methods.wise import Memory, SideMemoryEdit
+from lmedit.methods.side_memory import Memory, SideMemoryEdit
 from lmedit.patch import Patch
 from lmedit.scoring import generate, join, tokenize
 

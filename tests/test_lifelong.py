@@ -9,7 +9,7 @@ from lmedit.adaptors import adaptors
 from lmedit.evaluate import evaluate
 from lmedit.methods.grace import Codebook
 from lmedit.patch import Patch
-from lmedit.scoring import forward_logits, encode, score_continuations
+from lmedit.scoring import encode, forward_logits, score_continuations
 from tiny import tiny
 
 # Prompts end in a space so the (byte-level) answer is one token: a one-layer, one-position memory of a
@@ -181,7 +181,8 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
 
 # ---------------------------------------------------------------------------- WISE
 
-from lmedit.methods.wise import Memory, SideMemory, SideMemoryEdit, ties_merge  # noqa: E402
+from lmedit.methods.side_memory import Memory, SideMemory, SideMemoryEdit, ties_merge  # noqa: E402
+from lmedit.methods.wise import REPLAY, WISE, WISEHParams  # noqa: E402
 
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
 # Tiny random models have small activations: margins scaled to them (the published ones suit 7B models).
@@ -277,6 +278,41 @@ def test_wise_shards_close_merge_and_revert_exactly(mode, shards_per_memory):
         assert [(i, v) for i, v, _ in now] == [(i, v) for i, v, _ in state]
         assert all(torch.equal(d, e) for (_, _, d), (_, _, e) in zip(now, state))
     assert not adaptors(model)
+
+
+def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(tmp_path):
+    """L_memo: the earlier memory's edit prompt joins the batch as a replay row; its term is
+    relu(Δ_act − α) only (with α out of reach training is exactly that without replay)."""
+    first = lmedit.EditRequest("The colour of {} is ", "grass", "Z")
+    second = lmedit.EditRequest("The taste of {} is ", "lemons", "Q")
+    hp = {**TINY_WISE, "steps": 5, "mode": "retrieve", "shard_size": 1, "merge_every": 100}
+    assert WISEHParams(mode="retrieve").resolve(tiny("llama")).replay == 2
+    assert WISEHParams().resolve(tiny("llama")).replay == 0  # merge mode: all shards end in one memory
+
+    def second_shard(**extra):
+        model = tiny("llama", seed=4)
+        lmedit.edit(model, first, method="wise", **hp).apply(model)
+        [old] = _side(model).memories
+        assert old.prompts == [first.prompt] and old.mask is None  # closed; remembers its prompt
+        patch = lmedit.edit(model, second, method="wise", **{**hp, **extra})
+        [new] = [m for m in patch.components[0].after if m.id != old.id]
+        return model, patch, new
+
+    model, patch, replayed = second_shard(replay=1)
+    batch, kind, _ = WISE._batch(model, WISEHParams(**{**hp, "replay": 1}).resolve(model), [second],
+                                  [first.prompt])
+    rows = [model.tokenizer.decode(batch.input_ids[i][batch.attention_mask[i].bool()], skip_special_tokens=True)
+            for i in torch.nonzero(kind == REPLAY).flatten().tolist()]
+    assert rows == [first.prompt.strip()] or rows == [first.prompt]
+    assert "replay_act" in patch.info and replayed.prompts == [second.prompt]
+    _, _, plain = second_shard(replay=0)
+    assert not torch.equal(replayed.delta, plain.delta)
+    _, _, ceiling_off = second_shard(replay=1, alpha=1e6)
+    _, _, plain_off = second_shard(replay=0, alpha=1e6)
+    assert torch.equal(ceiling_off.delta, plain_off.delta)
+    patch.save(tmp_path / "p")  # the prompts travel with the patch
+    [saved] = [m for m in Patch.load(tmp_path / "p").components[0].after if m.id == replayed.id]
+    assert saved.prompts == [second.prompt]
 
 
 def test_wise_sequential_run_checkpoints_and_restores(tmp_path):

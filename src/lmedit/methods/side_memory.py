@@ -1,0 +1,249 @@
+"""WISE's side memories: the structure that lives beside one ``W_out`` and answers at inference.
+
+A side memory is ``W′ = W + τ`` on the output projection of one layer; only ``τ`` is stored (float32,
+``nn.Linear`` layout ``[d_model, d_mlp]`` for every architecture), so the main memory ``W`` may itself
+be edited by other methods. For an input ``x`` with keys ``a_t`` (the inputs of ``W_out`` at its
+tokens), the **routing activation** of a memory is
+
+    Δ_act(x) = mean_t ‖τ a_t‖₂ = mean_t ‖(W′ − W) a_t‖₂
+
+over the input's tokens (padding and the document-start token excluded). At inference the memory
+with the largest ``Δ_act`` answers if ``Δ_act ≥ ε = act_ratio · min_act`` (``min_act``: the smallest
+activation its own edits reached in training), replacing the layer output by ``W′ a``; otherwise the
+main memory ``W`` answers unchanged. The decision is taken on the prompt and held for the tokens
+generated after it (KV-cached decoding).
+
+``SideMemoryEdit`` is the patch component: the memories an edit replaced and the ones it wrote
+(dense ``τ`` before/after), so WISE edits save, load and revert exactly like weight edits.
+``ties_merge`` merges shards. Training lives in ``lmedit.methods.wise``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from lmedit.adaptors import Adaptor, adaptors, get_or_attach
+from lmedit.errors import PatchError
+from lmedit.patch import COMPONENTS, Component
+
+
+@dataclass(eq=False)
+class Memory:
+    """One side memory ``W + τ``: a shard (open while ``mask`` is set) or a merge of shards."""
+
+    id: str
+    serial: int  # creation order (memories are kept sorted by it)
+    delta: torch.Tensor  # τ, float32, [d_model, d_mlp], on the CPU
+    mask: torch.Tensor | None  # bool [d_model, d_mlp]: the entries this open shard may train
+    edits: int
+    min_act: float  # smallest in-scope Δ_act its edits reached
+    act_ratio: float
+    shards: int = 1
+    merged: bool = False
+    version: int = 0
+    prompts: list[str] = field(default_factory=list)  # its edits' prompts (replayed when training later shards)
+
+    @property
+    def threshold(self) -> float:
+        return self.act_ratio * self.min_act
+
+    def meta(self) -> dict[str, Any]:
+        return {"id": self.id, "serial": self.serial, "edits": self.edits, "min_act": self.min_act,
+                "act_ratio": self.act_ratio, "shards": self.shards, "merged": self.merged, "version": self.version,
+                "has_mask": self.mask is not None, "prompts": list(self.prompts)}
+
+
+def token_weights(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device,
+                  prefill: bool = True) -> torch.Tensor:
+    """``[B, T]`` float weights of the tokens that count for Δ_act: not padding, not the first token.
+
+    The first (document-start / BOS) token is excluded because its key is the same for every input
+    (it would add the same activation to edit and unrelated inputs alike).
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+        m = torch.ones(batch, length, device=device)
+        if prefill and length > 1:
+            m[:, 0] = 0
+        return m
+    m = attention_mask[:, -length:].to(device=device, dtype=torch.float32)
+    if prefill:
+        m = m * (m.cumsum(1) != 1)
+    return m
+
+
+def routing_activation(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Δ_act`` per row: ``Σ_t w_t ‖τ a_t‖ / Σ_t w_t`` for keys ``x`` ``[B, T, d_mlp]`` and ``τ`` ``[d_model, d_mlp]``."""
+    norms = torch.linalg.vector_norm(x.to(delta.dtype) @ delta.T, dim=-1)
+    return (norms * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class SideMemory(Adaptor):
+    """WISE's side memories on one ``W_out`` module (see the module docstring)."""
+
+    transient = ("_handle", "_root_handle", "_attention", "_route", "_on_device", "last_activations")
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.memories: list[Memory] = []
+        self.enabled = True
+        self._root_handle: Any = None
+        self._attention: torch.Tensor | None = None
+        self._route: torch.Tensor | None = None
+        self._on_device: dict[tuple[str, int, str], torch.Tensor] | None = None
+        self.last_activations: torch.Tensor | None = None  # [memories, B] Δ_act of the last routed prompt
+
+    # -------------------------------------------------------------------------------- attachment
+    def attach(self, model: Any) -> None:
+        super().attach(model)
+
+        def capture(_m: Any, _args: tuple, kwargs: dict) -> None:
+            self._attention = kwargs.get("attention_mask")
+
+        self._root_handle = model.module.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def detach(self) -> None:
+        super().detach()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+
+    def is_empty(self) -> bool:
+        return not self.memories
+
+    def as_component(self) -> "SideMemoryEdit":
+        return SideMemoryEdit(self.path, [], [copy_memory(m) for m in self.memories])
+
+    # -------------------------------------------------------------------------------- inference
+    def _delta(self, memory: Memory, device: torch.device) -> torch.Tensor:
+        cache = self._on_device if self._on_device is not None else {}
+        key = (memory.id, memory.version, str(device))
+        if key not in cache:
+            cache = {k: v for k, v in cache.items() if k[0] != memory.id}
+            cache[key] = memory.delta.to(device)
+        self._on_device = cache
+        return cache[key]
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the answering memory per row of ``x`` ``[B, T, d_mlp]`` (``-1``: the main memory)."""
+        batch, length = x.shape[:2]
+        mask = self._attention
+        cached = mask is not None and mask.dim() == 2 and mask.shape[1] > length  # a continuation of a prefix
+        if cached and self._route is not None and self._route.shape[0] == batch:
+            return self._route
+        weights = token_weights(mask, batch, length, x.device, prefill=not cached)
+        acts = torch.stack([routing_activation(x, self._delta(m, x.device), weights) for m in self.memories])
+        self.last_activations = acts
+        thresholds = torch.tensor([m.threshold for m in self.memories], device=x.device)[:, None]
+        acts = torch.where(acts >= thresholds, acts, torch.full_like(acts, -1.0))
+        best, index = acts.max(dim=0)
+        self._route = torch.where(best >= 0, index, torch.full_like(index, -1))
+        return self._route
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled or not self.memories:
+            return None
+        route = self.route(x)
+        if bool((route < 0).all()):
+            return None
+        new = out.clone()
+        for i in route.unique().tolist():
+            if i < 0:
+                continue
+            rows = route == i
+            delta = self._delta(self.memories[i], x.device)
+            new[rows] = out[rows] + (x[rows].to(delta.dtype) @ delta.T).to(out.dtype)
+        return new
+
+    # -------------------------------------------------------------------------------- state changes
+    def replace_memories(self, remove: Sequence[Memory], add: Sequence[Memory]) -> None:
+        """Remove ``remove`` (which must be present at their versions) and insert ``add``."""
+        current = {m.id: m for m in self.memories}
+        for m in remove:
+            if m.id not in current or current[m.id].version != m.version:
+                raise PatchError(f"this WISE patch expects side memory {m.id} (version {m.version}) on {self.path}; "
+                                 "apply (or revert) the WISE patches in order")
+        gone = {m.id for m in remove}
+        for m in add:
+            if m.id in current and m.id not in gone:
+                raise PatchError(f"side memory {m.id} is already on {self.path}")
+        kept = [m for m in self.memories if m.id not in gone]
+        self.memories = sorted(kept + [copy_memory(m) for m in add], key=lambda m: m.serial)
+        self._route = None
+
+
+def copy_memory(m: Memory) -> Memory:
+    return replace(m, delta=m.delta.clone(), mask=None if m.mask is None else m.mask.clone())
+
+
+@dataclass(eq=False)
+class SideMemoryEdit(Component):
+    """Replace side memories ``before`` by ``after`` on one module (exactly reversible)."""
+
+    kind: ClassVar[str] = "side_memory_edit"
+    memory: ClassVar[bool] = True
+    path: str
+    before: list[Memory]
+    after: list[Memory]
+
+    def apply(self, model: Any) -> None:
+        get_or_attach(model, self.path, SideMemory).replace_memories(self.before, self.after)
+
+    def revert(self, model: Any) -> None:
+        side = adaptors(model).get(self.path)
+        if not isinstance(side, SideMemory):
+            raise PatchError(f"no WISE side memory on {self.path} to revert")
+        side.replace_memories(self.after, self.before)
+        if side.is_empty():
+            adaptors(model).pop(self.path).detach()
+
+    def commit(self) -> None:
+        self.before = []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for side, memories in (("before", self.before), ("after", self.after)):
+            for i, m in enumerate(memories):
+                out[f"{side}.{i}.delta"] = m.delta
+                if m.mask is not None:
+                    out[f"{side}.{i}.mask"] = m.mask
+        return out
+
+    def manifest(self) -> dict[str, Any]:
+        return {"path": self.path, "before": [m.meta() for m in self.before], "after": [m.meta() for m in self.after]}
+
+    @classmethod
+    def restore(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SideMemoryEdit":
+        def load(side: str) -> list[Memory]:
+            out = []
+            for i, meta in enumerate(manifest[side]):
+                meta = dict(meta)
+                has_mask = meta.pop("has_mask")
+                out.append(Memory(delta=tensors[f"{side}.{i}.delta"],
+                                  mask=tensors[f"{side}.{i}.mask"].bool() if has_mask else None, **meta))
+            return out
+
+        return cls(manifest["path"], load("before"), load("after"))
+
+
+COMPONENTS[SideMemoryEdit.kind] = SideMemoryEdit
+
+
+def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merging (Yadav et al. 2023) of task vectors ``τ_i``: trim, elect sign, disjoint mean.
+
+    Each ``τ_i`` keeps its ``density`` fraction of largest-magnitude entries; an entry's sign is that of
+    ``Σ_i τ_i`` (trimmed); the merged entry is the mean of the entries whose sign agrees with it.
+    """
+    trimmed = []
+    for d in deltas:
+        k = max(1, int(round(density * d.numel())))
+        flat = d.abs().flatten()
+        cut = flat.kthvalue(flat.numel() - k + 1).values if k < flat.numel() else flat.min()
+        trimmed.append(torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+    stack = torch.stack(trimmed)
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(stack) == sign).float()
+    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1.0)
