@@ -248,7 +248,7 @@ def test_rome_on_smollm2_generalises_and_keeps_other_facts(smol):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("method", ["memit", "emmet"])
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
 def test_batch_edit_on_smollm2(smol, method):
     from lmedit.scoring import generate
 
