@@ -146,6 +146,34 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
 
 
+class DeclinesOdd(FTM):
+    """FT-M that declines (``EditError``) the requests of odd-numbered cases."""
+
+    def compute(self, model, hp, requests, originals):
+        if any(int(r.case_id) % 2 for r in requests):
+            raise lmedit.errors.EditError("no neurons for this fact")
+        return super().compute(model, hp, requests, originals)
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_declined_edits_are_recorded_as_failures_and_the_run_goes_on(model, protocol, tmp_path):
+    reqs = _requests(model, 4)
+    unedited = evaluate(model, None, reqs, progress=False).records
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+    report = evaluate(model, DeclinesOdd(**STRONG), reqs, protocol=protocol, checkpoints=[2], out_dir=tmp_path / "r",
+                      progress=False)
+    final = [r for r in report.records if r.get("T", 4) == 4]
+    assert [r["edit_failed"] for r in final] == [0.0, 1.0, 0.0, 1.0]
+    assert final[1]["edit_error"] == "no neurons for this fact"
+    assert report.summary["overall"]["edit_failed"] == 0.5
+    first = [r for r in report.records if r["case_id"] == "0"][0]  # right after its own edit (T=2 when sequential)
+    assert first["rewrite_tf"] == 1.0
+    if protocol == "single":  # a declined case is scored on the unedited model
+        assert final[1]["rewrite_tf"] == unedited[1]["rewrite_tf"] < 1.0
+    assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
+    assert "Failed" in markdown_table([report])
+
+
 def test_bad_configuration_errors(model):
     with pytest.raises(EvalError, match="protocol"):
         evaluate(model, "ft-m", _requests(model), protocol="nope", progress=False)

@@ -12,7 +12,7 @@ COLUMNS = [
     ("portability_tf", "Port.(tf)"), ("portability_em", "Port.(gen)"), ("efficacy", "Eff."), ("paraphrase", "Para."),
     ("neighborhood", "Neigh."), ("efficacy_mag", "Eff.mag"), ("fluency", "Fluency"), ("consistency", "Consist."),
     ("multihop_acc", "Multi-hop"), ("multihop_q_acc", "MH q-acc"), ("multihop_old", "MH old"), ("edit_acc", "Edit acc"),
-    ("rewrite_ppl", "PPL"), ("edit_seconds", "s/edit"),
+    ("rewrite_ppl", "PPL"), ("edit_failed", "Failed"), ("edit_seconds", "s/edit"),
 ]
 
 

@@ -9,6 +9,12 @@ Protocols (recorded in every report):
   at each checkpoint ``T`` in ``checkpoints`` (and at the end) — the lifelong setting.
 * ``method=None`` evaluates the unedited model (the baseline every method is compared with).
 
+A method that declines a request (an ``EditError``: KN finding no neurons, AlphaEdit finding no null
+space …) leaves the model unchanged; the run goes on, and the case is scored on the model as it is
+(unedited in ``single``/``batch``) with ``edit_failed = 1`` and the message in ``edit_error``, so the
+summary's ``edit_failed`` is the failure rate and the other means count a declined edit as the miss
+it is.
+
 Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
 (sequential runs also checkpoint their accumulated edit in ``out_dir/state``). ``summary.json`` and
 ``summary.md`` hold the means and everything needed to reproduce the run.
@@ -27,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from lmedit.errors import LmeditError
+from lmedit.errors import EditError, LmeditError
 from lmedit.evaluate.multihop import multihop_record
 from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_items
 from lmedit.models.bundled import cache_dir
@@ -70,6 +76,7 @@ class _Run:
     fluency: bool = False
     done: set[tuple[str, int | None]] = field(default_factory=set)
     records: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # case index -> why its edit was declined
 
     def score(self, cases: Sequence[int], baseline: Any, extra: dict[str, Any]) -> None:
         reqs = [self.requests[i] for i in cases]
@@ -77,8 +84,18 @@ class _Run:
         scores = score_items(self.model, items, generation=self.generation)
         records = case_records(reqs, items, scores, baseline)
         fluent = fluency_records(self.model, reqs) if self.fluency else [{} for _ in reqs]
-        for rec, flu in zip(records, fluent):
-            self.write({**rec, **flu, **extra})
+        for i, rec, flu in zip(cases, records, fluent):
+            outcome = {"edit_failed": 1.0, "edit_error": self.failed[i]} if i in self.failed else {"edit_failed": 0.0}
+            self.write({**rec, **flu, **extra, **outcome})
+
+    def try_edit(self, editor: Any, chunk: Sequence[int]) -> Any:
+        """``editor.edit`` on the chunk's requests, or ``None`` (recorded in ``failed``) if it declines."""
+        try:
+            return editor.edit(self.model, [self.requests[i] for i in chunk])
+        except EditError as error:
+            log.warning("edit of cases %s declined: %s", [self.requests[i].case_id for i in chunk], error)
+            self.failed.update({i: str(error) for i in chunk})
+            return None
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -172,10 +189,14 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                     bar.update(len(chunk))
                     continue
                 t0 = time.perf_counter()
-                patch = editor.edit(model, [requests[i] for i in chunk])
+                patch = run.try_edit(editor, chunk)
                 edit_seconds.append(time.perf_counter() - t0)
-                with patch.applied(model):
-                    run.score(chunk, baseline, {"edit_seconds": edit_seconds[-1] / len(chunk)})
+                extra = {"edit_seconds": edit_seconds[-1] / len(chunk)}
+                if patch is None:
+                    run.score(chunk, baseline, extra)
+                else:
+                    with patch.applied(model):
+                        run.score(chunk, baseline, extra)
                 bar.update(len(chunk))
         else:
             edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
@@ -207,7 +228,9 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
     adaptors_before = snapshot_adaptors(model)
     done_chunks = 0
     if state_dir is not None and (state_dir / "progress.json").exists():
-        done_chunks = json.loads((state_dir / "progress.json").read_text())["chunks_done"]
+        progress = json.loads((state_dir / "progress.json").read_text())
+        done_chunks = progress["chunks_done"]
+        run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
         saved = Patch.load(state_dir / "patch")
         _remember(model, saved, originals)
         saved.apply(model).commit()
@@ -218,10 +241,11 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
             if c < done_chunks:
                 continue
             t0 = time.perf_counter()
-            patch = editor.edit(model, [requests[i] for i in chunk])
+            patch = run.try_edit(editor, chunk)
             edit_seconds.append(time.perf_counter() - t0)
-            _remember(model, patch, originals)
-            patch.apply(model).commit()
+            if patch is not None:  # a declined edit leaves the accumulated model as it was
+                _remember(model, patch, originals)
+                patch.apply(model).commit()
             edited = chunk[-1] + 1
             if scoring == "after_each":
                 run.score(chunk, baseline, {"T": edited, "edit_seconds": edit_seconds[-1] / len(chunk)})
@@ -230,7 +254,7 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
                 run.score(todo, baseline, {"T": edited})
             bar.update(len(chunk))
             if state_dir is not None and (edited in marks or c % 10 == 9):
-                _checkpoint(model, originals, state_dir, c + 1, editor.name)
+                _checkpoint(model, originals, state_dir, c + 1, editor.name, run.failed)
     finally:
         with torch.no_grad():
             for name, original in originals.items():
@@ -251,7 +275,8 @@ def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> N
             originals[component.param] = model.parameter(component.param).detach().clone()
 
 
-def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str) -> None:
+def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str,
+                failed: dict[int, str]) -> None:
     """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark."""
     deltas: list[Any] = [WeightDelta(name, (model.parameter(name).detach().float() - original.float()).cpu())
                          for name, original in originals.items()]
@@ -260,7 +285,7 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
     deltas += [adaptor.as_component() for adaptor in adaptors(model).values()]
     Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(state_dir / "patch")
     tmp = state_dir / "progress.json.tmp"
-    tmp.write_text(json.dumps({"chunks_done": chunks_done}))
+    tmp.write_text(json.dumps({"chunks_done": chunks_done, "failed": failed}))
     tmp.replace(state_dir / "progress.json")
 
 
