@@ -10,7 +10,7 @@ models=${*:-smollm2-135m}
 T=${T:-1000}
 DATA=${DATA:-zsre}
 METHODS=${METHODS:-ft-l ft-ewc lora grace wise wise-retrieve defer alphaedit memit rome}
-checkpoints=$(for t in 1 10 100 600 1000 10000; do [ "$t" -le "$T" ] && printf '%s,' "$t"; done)
+checkpoints=$(for t in 1 10 100 600 1000 10000; do if [ "$t" -le "$T" ]; then printf '%s,' "$t"; fi; done)
 for model in $models; do
   for method in $METHODS; do
     args=(--method "$method")
