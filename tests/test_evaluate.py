@@ -78,6 +78,16 @@ def test_case_records_from_known_scores():
     assert rec["rewrite_ppl"] == pytest.approx(1 / 0.9)
 
 
+def test_summary_means_and_geometric_perplexity():
+    from lmedit.evaluate.runner import summarize
+
+    rows = [{"case_id": "0", "rewrite_tf": 1.0, "rewrite_ppl": 2.0}, {"case_id": "1", "rewrite_tf": 0.5, "rewrite_ppl": 8.0}]
+    overall = summarize(rows)["overall"]
+    assert overall == {"rewrite_tf": 0.75, "rewrite_ppl": 4.0, "cases": 2}  # √(2·8), not (2+8)/2
+    rows[1]["rewrite_ppl"] = 1e70  # a destroyed case weighs like any other, on the log scale
+    assert summarize(rows)["overall"]["rewrite_ppl"] == pytest.approx(math.sqrt(2e70), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------- on a model
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import resource
 import time
@@ -290,13 +291,19 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
 
 
 def summarize(records: Sequence[dict[str, Any]], by_t: bool = False) -> dict[str, Any]:
-    """Means of every numeric metric over cases; with ``by_t`` (sequential ``after_all``) also per ``T``.
+    """Means of every numeric metric over cases (perplexities: geometric means); with ``by_t`` (sequential ``after_all``) also per ``T``.
 
     ``overall`` is then the last checkpoint (all edits made).
     """
+    def average(key: str, values: list[float]) -> float:
+        if key.endswith("_ppl"):  # geometric mean = exp(mean NLL): one broken case cannot swamp the rest
+            return math.exp(mean(math.log(max(v, 1e-300)) for v in values)) if all(math.isfinite(v) for v in values) \
+                else math.inf
+        return mean(values)
+
     def means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "T"})
-        return {k: round(mean(r[k] for r in rows if k in r), 4) for k in keys} | {"cases": len(rows)}
+        return {k: round(average(k, [r[k] for r in rows if k in r]), 4) for k in keys} | {"cases": len(rows)}
 
     if not by_t or not records:
         return {"overall": means(records)} if records else {"overall": {"cases": 0}}
