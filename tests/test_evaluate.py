@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table
+from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, resummarize
 from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
@@ -114,6 +114,11 @@ def test_unedited_run_has_perfect_locality_and_writes_outputs(model, tmp_path):
     assert len(lines) == 4 and json.loads(lines[0])["case_id"] == "0"
     loaded = load_report(tmp_path / "run")
     assert loaded.summary == json.loads(json.dumps(report.summary))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary["summary"]["overall"]["locality_tf"] = 0.0  # an outdated summary is recomputed from the cases
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert resummarize(tmp_path / "run").summary["overall"]["locality_tf"] == 1.0
+    assert load_report(tmp_path / "run").summary["overall"]["locality_tf"] == 1.0
     assert "none (unedited)" in markdown_table([loaded])
 
 

@@ -185,11 +185,14 @@ def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (coun
 
 @app.command()
 def report(directories: list[str] = typer.Argument(..., help="run directories written by `lmedit eval`"),
+           resummarize: bool = typer.Option(False, "--resummarize",
+                                             help="first recompute each run's summary from its cases.jsonl"),
            as_json: bool = JsonOpt) -> None:
     """Print several evaluation runs side by side as one table (method rows, metric columns)."""
     from lmedit.evaluate import load_report, markdown_table
+    from lmedit.evaluate import resummarize as recompute
 
-    reports = [load_report(d) for d in directories]
+    reports = [recompute(d) if resummarize else load_report(d) for d in directories]
     _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in zip(directories, reports)]},
           markdown_table(reports))
 

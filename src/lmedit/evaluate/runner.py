@@ -345,6 +345,19 @@ def _version() -> str:
     return lmedit.__version__
 
 
+def resummarize(directory: str | Path) -> Report:
+    """Recompute a finished run's summary (and table, curves) from its ``cases.jsonl`` with the current
+    averaging rules; its configuration is kept as recorded."""
+    from lmedit.evaluate.report import load_report
+
+    recorded = load_report(directory)
+    lines = (Path(directory) / "cases.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    report = Report(recorded.config, records, summarize(records, by_t="by_T" in recorded.summary), Path(directory))
+    _write_outputs(report)
+    return report
+
+
 def _write_outputs(report: Report) -> None:
     from lmedit.evaluate.report import markdown_table, plot_curves
 
