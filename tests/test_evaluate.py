@@ -131,6 +131,14 @@ def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path)
     assert report.config["hparams"]["lr"] == STRONG["lr"] and report.config["hparams"]["layers"] is not None
 
 
+def test_batch_protocol_reports_seconds_per_edited_case(model):
+    report = evaluate(model, FTM(**{**STRONG, "steps": 5}), _requests(model), protocol="batch", batch_size=2,
+                      progress=False, generation=False)
+    per_case = [r["edit_seconds"] for r in report.records]
+    assert per_case[0] == per_case[1] and per_case[2] == per_case[3]  # a batch's time shared by its cases
+    assert report.config["edit_seconds_mean"] == pytest.approx(sum(per_case) / 4, abs=1e-3)
+
+
 def test_sequential_after_all_curves_and_resume(model, tmp_path):
     reqs = _requests(model, 4)
     before = {n: p.clone() for n, p in model.module.named_parameters()}

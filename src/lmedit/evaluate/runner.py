@@ -191,8 +191,8 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                     continue
                 t0 = time.perf_counter()
                 patch = run.try_edit(editor, chunk)
-                edit_seconds.append(time.perf_counter() - t0)
-                extra = {"edit_seconds": edit_seconds[-1] / len(chunk)}
+                edit_seconds += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)  # per edited case
+                extra = {"edit_seconds": edit_seconds[-1]}
                 if patch is None:
                     run.score(chunk, baseline, extra)
                 else:
@@ -243,13 +243,13 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
                 continue
             t0 = time.perf_counter()
             patch = run.try_edit(editor, chunk)
-            edit_seconds.append(time.perf_counter() - t0)
+            edit_seconds += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)  # per edited case
             if patch is not None:  # a declined edit leaves the accumulated model as it was
                 _remember(model, patch, originals)
                 patch.apply(model).commit()
             edited = chunk[-1] + 1
             if scoring == "after_each":
-                run.score(chunk, baseline, {"T": edited, "edit_seconds": edit_seconds[-1] / len(chunk)})
+                run.score(chunk, baseline, {"T": edited, "edit_seconds": edit_seconds[-1]})
             elif edited in marks:
                 todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
                 run.score(todo, baseline, {"T": edited})
