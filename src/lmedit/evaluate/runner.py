@@ -27,6 +27,7 @@ import math
 import platform
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -89,14 +90,17 @@ class _Run:
             outcome = {"edit_failed": 1.0, "edit_error": self.failed[i]} if i in self.failed else {"edit_failed": 0.0}
             self.write({**rec, **flu, **extra, **outcome})
 
-    def try_edit(self, editor: Any, chunk: Sequence[int]) -> Any:
-        """``editor.edit`` on the chunk's requests, or ``None`` (recorded in ``failed``) if it declines."""
+    def try_edit(self, editor: Any, chunk: Sequence[int]) -> tuple[Patch | None, float]:
+        """``editor.edit`` on the chunk's requests — ``None`` (recorded in ``failed``) if it declines — and
+        the wall time per edited case."""
+        start = time.perf_counter()
         try:
-            return editor.edit(self.model, [self.requests[i] for i in chunk])
+            patch = editor.edit(self.model, [self.requests[i] for i in chunk])
         except EditError as error:
             log.warning("edit of cases %s declined: %s", [self.requests[i].case_id for i in chunk], error)
             self.failed.update({i: str(error) for i in chunk})
-            return None
+            patch = None
+        return patch, (time.perf_counter() - start) / len(chunk)
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -189,15 +193,10 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                 if all((ids[i], None) in run.done for i in chunk):
                     bar.update(len(chunk))
                     continue
-                t0 = time.perf_counter()
-                patch = run.try_edit(editor, chunk)
-                edit_seconds += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)  # per edited case
-                extra = {"edit_seconds": edit_seconds[-1]}
-                if patch is None:
-                    run.score(chunk, baseline, extra)
-                else:
-                    with patch.applied(model):
-                        run.score(chunk, baseline, extra)
+                patch, seconds = run.try_edit(editor, chunk)
+                edit_seconds += [seconds] * len(chunk)
+                with patch.applied(model) if patch is not None else nullcontext():  # declined: the model as it is
+                    run.score(chunk, baseline, {"edit_seconds": seconds})
                 bar.update(len(chunk))
         else:
             edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
@@ -241,15 +240,14 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
         for c, chunk in enumerate(chunks):
             if c < done_chunks:
                 continue
-            t0 = time.perf_counter()
-            patch = run.try_edit(editor, chunk)
-            edit_seconds += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)  # per edited case
+            patch, seconds = run.try_edit(editor, chunk)
+            edit_seconds += [seconds] * len(chunk)
             if patch is not None:  # a declined edit leaves the accumulated model as it was
                 _remember(model, patch, originals)
                 patch.apply(model).commit()
             edited = chunk[-1] + 1
             if scoring == "after_each":
-                run.score(chunk, baseline, {"T": edited, "edit_seconds": edit_seconds[-1]})
+                run.score(chunk, baseline, {"T": edited, "edit_seconds": seconds})
             elif edited in marks:
                 todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
                 run.score(todo, baseline, {"T": edited})

@@ -164,27 +164,23 @@ class WISE(Method):
         """
         lengths = tuple((int(a), int(b)) for a, b in hp.context_lengths)
         templates = context_templates(model, lengths)
-        prompts: list[str] = []
-        targets: list[str | None] = []
-        for r in requests:
-            for t in templates:
-                prompts.append(t.replace("{}", r.prompt))
-                targets.append(r.target_new)
-        pool = list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus)
-        for r in requests:
-            rng = random.Random(f"{hp.seed}:{r.prompt}:{r.target_new}")
-            for text in rng.sample(pool, min(hp.n_irrelevant, len(pool))):
-                prompts.append(text)
-                targets.append(None)
-        kinds = [EDIT if t is not None else UNRELATED for t in targets]
+        prompts = [t.replace("{}", r.prompt) for r in requests for t in templates]
+        targets: list[str | None] = [r.target_new for r in requests for _ in templates]
+        kinds = [EDIT] * len(prompts)
+
+        def draw(pool: Sequence[str], n: int, salt: str, kind: int) -> None:
+            """``n`` texts of ``pool`` per request (seeded by the request), as target-less rows."""
+            for r in requests:
+                rng = random.Random(f"{hp.seed}:{salt}{r.prompt}:{r.target_new}")
+                for text in rng.sample(list(pool), min(n, len(pool))):
+                    prompts.append(text)
+                    targets.append(None)
+                    kinds.append(kind)
+
+        draw(list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus), hp.n_irrelevant, "",
+             UNRELATED)
         own_prompts = {r.prompt for r in requests}
-        replayed = sorted({p for p in replayed if p not in own_prompts})
-        for r in requests:
-            rng = random.Random(f"{hp.seed}:replay:{r.prompt}:{r.target_new}")
-            for text in rng.sample(replayed, min(int(hp.replay or 0), len(replayed))):
-                prompts.append(text)
-                targets.append(None)
-                kinds.append(REPLAY)
+        draw(sorted({p for p in replayed if p not in own_prompts}), int(hp.replay or 0), "replay:", REPLAY)
         batch = _encode_mixed(model, prompts, targets).to(model.device)
         kind = torch.tensor(kinds, device=model.device)
         weights = token_weights(batch.attention_mask, *batch.input_ids.shape, model.device)
