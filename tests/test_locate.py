@@ -198,6 +198,61 @@ def test_memit_family_edits_are_reversible(method, arch, tmp_path, monkeypatch):
     assert _bit_identical(model, saved)
 
 
+def _gemma_like_post_norm(model, scale=30.0):
+    """Give the tiny Gemma-3 post-MLP norms Gemma-3-270M-like gains (|1 + w| up to hundreds)."""
+    torch.manual_seed(1)
+    for layer in range(model.spec.n_layers):
+        norm = model.module.get_submodule(f"{model.spec.block(layer)}.{model.spec.mlp_post_norm}")
+        norm.weight.data = (torch.randn_like(norm.weight) * scale).to(norm.weight.dtype)
+    return model
+
+
+def test_residual_written_through_a_post_mlp_norm_reaches_the_stream():
+    model = _gemma_like_post_norm(tiny("gemma3"))
+    assert model.spec.mlp_post_norm == "post_feedforward_layernorm" and tiny("llama").spec.mlp_post_norm is None
+    torch.manual_seed(0)
+    keys = torch.randn(3, model.spec.mlp_size)
+    out = model.module.get_submodule(model.spec.path(0, "mlp_out"))
+    with torch.no_grad():
+        m = out(keys)
+        y = keyvalue.post_norm(model, 0, m)
+        gain = keyvalue.post_norm(model, 0, torch.ones_like(m[:1]))[0]
+        d = m.shape[-1]
+        # a reachable change: another point of the norm's output set g ⊙ n, ‖n‖² = d
+        n = torch.nn.functional.normalize(m / gain.abs().clamp(min=1) + 0.3 * torch.randn_like(m), dim=-1) * d ** 0.5
+        reachable = gain * n - y
+        got = keyvalue.post_norm(model, 0, m + keyvalue.through_post_norm(model, 0, keys, reachable))
+        assert ((got - y - reachable).norm(dim=-1) < 1e-3 * reachable.norm(dim=-1)).all()
+        assert keyvalue.through_post_norm(model, 0, keys, torch.zeros_like(y)).abs().max() < 1e-4 * m.abs().max()
+        # an arbitrary change: the closest reachable output, far better than writing r before the norm
+        r = 0.3 * y.norm(dim=-1, keepdim=True) * torch.nn.functional.normalize(torch.randn_like(y), dim=-1)
+        got = keyvalue.post_norm(model, 0, m + keyvalue.through_post_norm(model, 0, keys, r))
+        naive = keyvalue.post_norm(model, 0, m + r)  # the pre-norm approximation
+        error = (got - y - r).norm(dim=-1)
+        assert (error < 0.5 * (naive - y - r).norm(dim=-1)).all(), (error, (naive - y - r).norm(dim=-1))
+        for _ in range(20):  # no nearby point of the output set is closer to y + r
+            other = keyvalue.post_norm(model, 0, got / gain + 0.05 * torch.randn_like(got) * (got / gain).abs().mean())
+            assert ((other - y - r).norm(dim=-1) >= error * (1 - 1e-4)).all()
+    llama = tiny("llama")
+    assert keyvalue.through_post_norm(llama, 0, keys, r) is r  # no post-norm: the residual itself
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "pmet"])
+def test_memit_family_writes_through_gemma_post_mlp_norms(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = _gemma_like_post_norm(tiny("gemma3"))
+    requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
+    before = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+                                                                        [r.target_new for r in requests])]
+    patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0,
+                        **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
+    with patch.applied(model):
+        after = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+                                                                           [r.target_new for r in requests])]
+    # written before the norm unchanged, MEMIT's residual grew (207 → 477) and the targets lost probability
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
+
+
 def test_alphaedit_records_its_keys_while_applied(tmp_path, monkeypatch):
     from lmedit.patch import EditedKeys, Patch, edited_keys
 

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.methods.base import HParams, Method, Stopwatch
-from lmedit.methods.keyvalue import ValueConfig, compute_keys, context_templates, optimize_values
+from lmedit.methods.base import Method, Stopwatch
+from lmedit.methods.keyvalue import LocateHParams, compute_keys, context_templates, optimize_values
 from lmedit.methods.solvers import as_weight_delta, rank_one_update
 from lmedit.patch import Component
 from lmedit.requests import EditRequest
@@ -29,28 +29,16 @@ from lmedit.stats import second_moment
 
 
 @dataclass
-class ROMEHParams(HParams):
-    """Hyper-parameters of ROME (``None`` entries are derived from the model)."""
+class ROMEHParams(LocateHParams):
+    """Hyper-parameters of ROME (``None`` entries are derived from the model; the shared v*, context and
+    statistics settings are ``LocateHParams``'s)."""
 
     layer: int | None = None
-    lr: float = 0.5
-    steps: int = 20
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    stop_prob: float = 0.95
-    context_lengths: tuple = ((5, 10), (10, 10))
-    stats_tokens: int = 100_000
-    corpus: str | None = None
-    ridge: float = 1e-4
     update_aware: bool = False  # optimise δ through the rank-one map (see keyvalue.optimize_values); on the
     # first 12 CounterFact cases (SmolLM2) it matched the published v* (rewrite 1.00, paraphrase 0.83) at 1.5x the time
 
     def _defaults(self, model: Any) -> dict[str, Any]:
         return {"layer": model.spec.layer_at(5 / 31)}
-
-    def value_config(self) -> ValueConfig:
-        return ValueConfig(self.lr, self.steps, self.kl_factor, self.weight_decay, self.clamp_norm_factor, self.stop_prob)
 
 
 class ROME(Method):

@@ -25,6 +25,7 @@ from lmedit.errors import SpecError
 BLOCK_ROLES = ("attn", "attn_out", "mlp", "mlp_out")
 _ATTN_NAME = re.compile(r"(^|\.)(self_)?(attn|attention|self_attention)$")
 _OUT_PROJ_NAME = re.compile(r"(^|\.)(o_proj|out_proj|c_proj|dense|wo|o|out)$")
+_POST_MLP_NORM_NAME = re.compile(r"(^|\.)post_(feedforward|mlp|ffn)\w*norm\w*$")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -64,6 +65,8 @@ class ModelSpec:
         embed: token embedding module. unembed: output projection to the vocabulary.
         final_norm: the norm applied after the last block (``None`` if the model has none).
         tied_embeddings: whether ``unembed`` shares its weight with ``embed``.
+        mlp_post_norm: a norm applied to the MLP's output before it joins the residual stream, relative
+            to a block (Gemma-2/3's and OLMo-2's ``post_feedforward_layernorm``), or ``None``.
     """
 
     blocks: str
@@ -80,6 +83,7 @@ class ModelSpec:
     unembed: str
     final_norm: str | None
     tied_embeddings: bool
+    mlp_post_norm: str | None = None
     overridden: tuple[str, ...] = field(default=())
 
     # ----------------------------------------------------------------------------------- paths
@@ -169,7 +173,10 @@ def discover_spec(model: nn.Module, **overrides: Any) -> ModelSpec:
     mlp_in = tuple(overrides.get("mlp_in") or [
         n for n, m in outside.items() if linear_dims(m)[0] == hidden and linear_dims(m)[1] in (mlp_size, 2 * mlp_size)
     ])
-    for rel in (attn, attn_out, *mlp_in) + ((mlp,) if mlp else ()):
+    mlp_post_norm = overrides["mlp_post_norm"] if "mlp_post_norm" in overrides else next(
+        (n for n, m in block0.named_modules() if _POST_MLP_NORM_NAME.search(n) and not any(True for _ in m.children())),
+        None)
+    for rel in (attn, attn_out, *mlp_in) + ((mlp,) if mlp else ()) + ((mlp_post_norm,) if mlp_post_norm else ()):
         get_module(block0, rel)
 
     spec = ModelSpec(
@@ -188,6 +195,7 @@ def discover_spec(model: nn.Module, **overrides: Any) -> ModelSpec:
         final_norm=overrides["final_norm"] if "final_norm" in overrides else _find_final_norm(model, blocks_path),
         tied_embeddings=unembed_mod.weight is embed_mod.weight
         or unembed_mod.weight.data_ptr() == embed_mod.weight.data_ptr(),
+        mlp_post_norm=mlp_post_norm,
     )
     unknown = set(overrides) - set(ModelSpec.__dataclass_fields__)
     if unknown:
@@ -195,7 +203,8 @@ def discover_spec(model: nn.Module, **overrides: Any) -> ModelSpec:
     for key in sorted(set(overrides) & MEASURED):
         if overrides[key] != getattr(spec, key):
             raise SpecError(f"{key} is measured from the modules ({getattr(spec, key)!r}), not set: override the module "
-                            f"paths instead (blocks, attn, attn_out, mlp, mlp_in, mlp_out, embed, unembed, final_norm)")
+                            f"paths instead (blocks, attn, attn_out, mlp, mlp_in, mlp_out, mlp_post_norm, embed, unembed, "
+                            f"final_norm)")
     for key in ("embed", "unembed", "final_norm"):
         value = getattr(spec, key)
         if value is not None:
