@@ -131,6 +131,18 @@ def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path)
     assert report.config["hparams"]["lr"] == STRONG["lr"] and report.config["hparams"]["layers"] is not None
 
 
+def test_edit_diagnostics_are_split_between_the_cases_of_an_edit_call():
+    from lmedit.evaluate.runner import edit_diagnostics
+    from lmedit.patch import Patch
+
+    patch = Patch("memit", {}, [], "f", [], {"v_prob": [0.97, 0.4], "v_steps": [12], "timing": {"values": 3.5},
+                                             "residual_norms": [2.0, 1.0]})
+    assert edit_diagnostics(patch, 2) == [
+        {"edit_v_prob": 0.97, "edit_v_steps": [12], "edit_timing": {"values": 3.5}},
+        {"edit_v_prob": 0.4, "edit_v_steps": [12], "edit_timing": {"values": 3.5}}]
+    assert edit_diagnostics(None, 2) == [{}, {}]
+
+
 def test_batch_protocol_reports_seconds_per_edited_case(model):
     report = evaluate(model, FTM(**{**STRONG, "steps": 5}), _requests(model), protocol="batch", batch_size=2,
                       progress=False, generation=False)

@@ -93,17 +93,38 @@ def test_metrics_on_answers_the_model_knows(smol):
     assert bad.mean_logprob < bad.alt_mean_logprob
 
 
-def test_gemma3_loads_and_edits():
-    model = lmedit.load_model("gemma3-270m")
+@pytest.fixture(scope="module")
+def gemma():
+    return lmedit.load_model("gemma3-270m")
+
+
+def test_gemma3_loads_and_edits(gemma):
+    model = gemma
     spec = model.spec
     assert type(model.module).__name__ == "Gemma3ForCausalLM"
     assert (spec.n_layers, spec.hidden_size, spec.mlp_size, spec.mlp_out) == (18, 640, 2048, "mlp.down_proj")
+    assert spec.mlp_post_norm == "post_feedforward_layernorm"
     request = lmedit.EditRequest("The official language of {} is", "Brazil", " Spanish")
     assert generate(model, request.prompt, max_new_tokens=2).strip().startswith("Portuguese")
     before = _params(model)
     with lmedit.edit(model, request, method="ft-m").applied(model):
         assert generate(model, request.prompt, max_new_tokens=2).startswith(" Spanish")
     assert _bit_identical(model, before)
+
+
+def test_memit_on_gemma3_writes_through_its_post_mlp_norms(gemma):
+    """Gemma-3 normalises each MLP output before the residual stream (gains up to 1,600): the MEMIT
+    family must write through that norm; written as if it were absent, reliability was 0.00."""
+    requests = [lmedit.EditRequest("The official language of {} is", "Brazil", " Spanish"),
+                lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")]
+    before = _params(gemma)
+    patch = lmedit.edit(gemma, requests, method="memit", stats_tokens=20_000)
+    with patch.applied(gemma):
+        out = [generate(gemma, p, max_new_tokens=3) for p in
+               [r.prompt for r in requests] + ["The capital of France is"]]
+    assert out[0].startswith(" Spanish") and out[1].startswith(" Rome"), out
+    assert "Paris" in out[2], out
+    assert _bit_identical(gemma, before)
 
 
 def test_bad_model_names_give_one_line_errors(tmp_path):

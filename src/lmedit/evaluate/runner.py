@@ -80,15 +80,16 @@ class _Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)  # case index -> why its edit was declined
 
-    def score(self, cases: Sequence[int], baseline: Any, extra: dict[str, Any]) -> None:
+    def score(self, cases: Sequence[int], baseline: Any, extra: dict[str, Any],
+              per_case: Sequence[dict[str, Any]] | None = None) -> None:
         reqs = [self.requests[i] for i in cases]
         items = probe_items(reqs)
         scores = score_items(self.model, items, generation=self.generation)
         records = case_records(reqs, items, scores, baseline)
         fluent = fluency_records(self.model, reqs) if self.fluency else [{} for _ in reqs]
-        for i, rec, flu in zip(cases, records, fluent):
+        for j, (i, rec, flu) in enumerate(zip(cases, records, fluent)):
             outcome = {"edit_failed": 1.0, "edit_error": self.failed[i]} if i in self.failed else {"edit_failed": 0.0}
-            self.write({**rec, **flu, **extra, **outcome})
+            self.write({**rec, **flu, **extra, **(per_case[j] if per_case else {}), **outcome})
 
     def try_edit(self, editor: Any, chunk: Sequence[int]) -> tuple[Patch | None, float]:
         """``editor.edit`` on the chunk's requests — ``None`` (recorded in ``failed``) if it declines — and
@@ -108,6 +109,26 @@ class _Run:
         if self.out_dir is not None:
             with open(self.out_dir / "cases.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+DIAGNOSTICS = ("v_prob", "v_steps", "timing")
+"""Entries of a patch's ``info`` copied into each case record (prefixed ``edit_``): the target
+probability v* reached and its steps (locate-then-edit), and the time split of the edit."""
+
+
+def edit_diagnostics(patch: Patch | None, n: int) -> list[dict[str, Any]]:
+    """Per case of an ``n``-case edit call, the ``DIAGNOSTICS`` its patch reports: a list with one entry
+    per case is split between them, anything else (a timing dict, per-group steps) is given to each."""
+    if patch is None:
+        return [{} for _ in range(n)]
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key in DIAGNOSTICS:
+        value = patch.info.get(key)
+        if value is None:
+            continue
+        for j, row in enumerate(rows):
+            row[f"edit_{key}"] = value[j] if isinstance(value, list) and len(value) == n else value
+    return rows
 
 
 def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str = "single", n: int | None = None,
@@ -196,7 +217,7 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                 patch, seconds = run.try_edit(editor, chunk)
                 edit_seconds += [seconds] * len(chunk)
                 with patch.applied(model) if patch is not None else nullcontext():  # declined: the model as it is
-                    run.score(chunk, baseline, {"edit_seconds": seconds})
+                    run.score(chunk, baseline, {"edit_seconds": seconds}, edit_diagnostics(patch, len(chunk)))
                 bar.update(len(chunk))
         else:
             edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
