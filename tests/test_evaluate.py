@@ -181,6 +181,27 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
 
 
+def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):
+    from lmedit.evaluate import runner
+
+    monkeypatch.setattr(runner, "CHECKPOINT_SECONDS", 0.0)  # every edit call is "long"
+    reqs = _requests(model, 4)
+
+    class Dies(FTM):
+        calls = 0
+
+        def compute(self, *args, **kwargs):
+            Dies.calls += 1
+            if Dies.calls == 3:
+                raise KeyboardInterrupt
+            return super().compute(*args, **kwargs)
+
+    out = tmp_path / "seq"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[4], out_dir=out, progress=False)
+    assert json.loads((out / "state" / "progress.json").read_text())["chunks_done"] == 2  # no mark before T=4
+
+
 class DeclinesOdd(FTM):
     """FT-M that declines (``EditError``) the requests of odd-numbered cases."""
 

@@ -111,6 +111,10 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
 
+CHECKPOINT_SECONDS = 300.0
+"""Sequential runs checkpoint their edit state at every scoring mark, every 10 edit calls, and whenever
+this long has passed since the last checkpoint (a batch of 100 MEMIT edits takes minutes)."""
+
 DIAGNOSTICS = ("v_prob", "v_steps", "timing")
 """Entries of a patch's ``info`` copied into each case record (prefixed ``edit_``): the target
 probability v* reached and its steps (locate-then-edit), and the time split of the edit."""
@@ -257,6 +261,7 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
         saved.apply(model).commit()
         bar.update(min(total, done_chunks * batch_size))
     edit_seconds: list[float] = []
+    last_checkpoint = time.perf_counter()
     try:
         for c, chunk in enumerate(chunks):
             if c < done_chunks:
@@ -273,8 +278,10 @@ def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_siz
                 todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
                 run.score(todo, baseline, {"T": edited})
             bar.update(len(chunk))
-            if state_dir is not None and (edited in marks or c % 10 == 9):
+            if state_dir is not None and (edited in marks or c % 10 == 9
+                                          or time.perf_counter() - last_checkpoint > CHECKPOINT_SECONDS):
                 _checkpoint(model, originals, state_dir, c + 1, editor.name, run.failed)
+                last_checkpoint = time.perf_counter()
     finally:
         with torch.no_grad():
             for name, original in originals.items():
