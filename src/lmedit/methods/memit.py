@@ -141,11 +141,9 @@ class MEMIT(Method):
             remaining = len(layers) - i
             residuals.append(round(float((target - z).norm(dim=-1).mean()), 4))
             share = remaining ** 0.5 if self.root_share else remaining
-            if sites[self.written_site] == "block":
-                residual = through_post_norm(model, layer, keys, (target - z) / share)
-            elif layer == last:  # z* is this very MLP output
+            if sites[self.written_site] == "block" or layer == last:  # z* is what this update changes
                 residual = (target - z) / share
-            else:  # z* is an MLP output of the last layer before its norm; the stream gets N(z*) − N(z)
+            else:  # z* is a last-layer MLP output before its norm: the stream gets N(z*) − N(z)
                 change = post_norm(model, last, target) - post_norm(model, last, z)
                 residual = through_post_norm(model, layer, keys, change / share)
             with watch("solve"):
