@@ -117,13 +117,16 @@ def test_memit_on_gemma3_writes_through_its_post_mlp_norms(gemma):
     family must write through that norm; written as if it were absent, reliability was 0.00."""
     requests = [lmedit.EditRequest("The official language of {} is", "Brazil", " Spanish"),
                 lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")]
+    unrelated = ["The official language of Germany is", "Paris is the capital of"]
+    kept = [generate(gemma, p, max_new_tokens=1) for p in unrelated]
+    assert kept == [" German", " France"], kept
     before = _params(gemma)
     patch = lmedit.edit(gemma, requests, method="memit", stats_tokens=20_000)
     with patch.applied(gemma):
-        out = [generate(gemma, p, max_new_tokens=3) for p in
-               [r.prompt for r in requests] + ["The capital of France is"]]
+        out = [generate(gemma, p, max_new_tokens=3) for p in [r.prompt for r in requests]]
+        out += [generate(gemma, p, max_new_tokens=1) for p in unrelated]
     assert out[0].startswith(" Spanish") and out[1].startswith(" Rome"), out
-    assert "Paris" in out[2], out
+    assert out[2:] == kept, out
     assert _bit_identical(gemma, before)
 
 
