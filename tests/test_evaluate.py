@@ -151,12 +151,10 @@ def test_batch_protocol_reports_seconds_per_edited_case(model):
     assert report.config["edit_seconds_mean"] == pytest.approx(sum(per_case) / 4, abs=1e-3)
 
 
-def test_sequential_after_all_curves_and_resume(model, tmp_path):
-    reqs = _requests(model, 4)
-    before = {n: p.clone() for n, p in model.module.named_parameters()}
+def dies_on_third_call() -> type:
+    """An FT-M class that crashes on its third edit call, like a killed run."""
 
     class Dies(FTM):
-        """FT-M that crashes on its third call, like a killed run."""
         calls = 0
 
         def compute(self, *args, **kwargs):
@@ -165,6 +163,14 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
                 raise KeyboardInterrupt
             return super().compute(*args, **kwargs)
 
+    return Dies
+
+
+def test_sequential_after_all_curves_and_resume(model, tmp_path):
+    reqs = _requests(model, 4)
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+
+    Dies = dies_on_third_call()
     out = tmp_path / "seq"
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
@@ -187,15 +193,7 @@ def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monke
     monkeypatch.setattr(runner, "CHECKPOINT_SECONDS", 0.0)  # every edit call is "long"
     reqs = _requests(model, 4)
 
-    class Dies(FTM):
-        calls = 0
-
-        def compute(self, *args, **kwargs):
-            Dies.calls += 1
-            if Dies.calls == 3:
-                raise KeyboardInterrupt
-            return super().compute(*args, **kwargs)
-
+    Dies = dies_on_third_call()
     out = tmp_path / "seq"
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[4], out_dir=out, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.methods import keyvalue, solvers
+from lmedit.methods import keyvalue, post_norm, solvers
 from lmedit.stats import second_moment, second_moments
 from tiny import tiny
 
@@ -215,26 +215,26 @@ def test_residual_written_through_a_post_mlp_norm_reaches_the_stream():
     out = model.module.get_submodule(model.spec.path(0, "mlp_out"))
     with torch.no_grad():
         m = out(keys)
-        y = keyvalue.post_norm(model, 0, m)
-        gain = keyvalue.post_norm(model, 0, torch.ones_like(m[:1]))[0]
+        y = post_norm.post_norm(model, 0, m)
+        gain = post_norm.post_norm(model, 0, torch.ones_like(m[:1]))[0]
         d = m.shape[-1]
         # a reachable change: another point of the norm's output set g ⊙ n, ‖n‖² = d
         n = torch.nn.functional.normalize(m / gain.abs().clamp(min=1) + 0.3 * torch.randn_like(m), dim=-1) * d ** 0.5
         reachable = gain * n - y
-        got = keyvalue.post_norm(model, 0, m + keyvalue.through_post_norm(model, 0, keys, reachable))
+        got = post_norm.post_norm(model, 0, m + post_norm.through_post_norm(model, 0, keys, reachable))
         assert ((got - y - reachable).norm(dim=-1) < 1e-3 * reachable.norm(dim=-1)).all()
-        assert keyvalue.through_post_norm(model, 0, keys, torch.zeros_like(y)).abs().max() < 1e-4 * m.abs().max()
+        assert post_norm.through_post_norm(model, 0, keys, torch.zeros_like(y)).abs().max() < 1e-4 * m.abs().max()
         # an arbitrary change: the closest reachable output, far better than writing r before the norm
         r = 0.3 * y.norm(dim=-1, keepdim=True) * torch.nn.functional.normalize(torch.randn_like(y), dim=-1)
-        got = keyvalue.post_norm(model, 0, m + keyvalue.through_post_norm(model, 0, keys, r))
-        naive = keyvalue.post_norm(model, 0, m + r)  # the pre-norm approximation
+        got = post_norm.post_norm(model, 0, m + post_norm.through_post_norm(model, 0, keys, r))
+        naive = post_norm.post_norm(model, 0, m + r)  # the pre-norm approximation
         error = (got - y - r).norm(dim=-1)
         assert (error < 0.5 * (naive - y - r).norm(dim=-1)).all(), (error, (naive - y - r).norm(dim=-1))
         for _ in range(20):  # no nearby point of the output set is closer to y + r
-            other = keyvalue.post_norm(model, 0, got / gain + 0.05 * torch.randn_like(got) * (got / gain).abs().mean())
+            other = post_norm.post_norm(model, 0, got / gain + 0.05 * torch.randn_like(got) * (got / gain).abs().mean())
             assert ((other - y - r).norm(dim=-1) >= error * (1 - 1e-4)).all()
     llama = tiny("llama")
-    assert keyvalue.through_post_norm(llama, 0, keys, r) is r  # no post-norm: the residual itself
+    assert post_norm.through_post_norm(llama, 0, keys, r) is r  # no post-norm: the residual itself
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet", "pmet"])

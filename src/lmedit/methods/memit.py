@@ -30,7 +30,7 @@ the reference implementations' pre-norm approximation is not: ``z*`` is optimise
 MLP output *before* its norm (as PMET does; a block-output ``z*`` is mostly unreachable through the norm
 — 37 % of it was lost even at the averaged key), so the last layer writes its residual directly; an
 earlier layer receives the stream change ``(N(z*) − N(z)) / share`` mapped back through its own norm
-(``keyvalue.through_post_norm``). First 50 CounterFact cases on Gemma-3: with the approximation MEMIT
+(``post_norm.through_post_norm``). First 50 CounterFact cases on Gemma-3: with the approximation MEMIT
 edited nothing (reliability 0.00) and damaged the neighbourhood; with the mapping alone, reliability
 0.56; with both, see the README's table.
 
@@ -52,7 +52,8 @@ import torch
 from lmedit.errors import EditError
 from lmedit.methods.base import Method, Stopwatch
 from lmedit.methods.keyvalue import (LocateHParams, ValueConfig, compute_keys, context_templates, optimize_values,
-                                     post_norm, read_at_subject, through_post_norm)
+                                     read_at_subject)
+from lmedit.methods.post_norm import post_norm, through_post_norm
 from lmedit.methods.solvers import alphaedit_update, as_weight_delta, emmet_update, memit_update, nullspace_projector
 from lmedit.patch import Component, EditedKeys, edited_keys
 from lmedit.requests import EditRequest
