@@ -299,10 +299,10 @@ def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(
         return model, patch, new
 
     model, patch, replayed = second_shard(replay=1)
-    batch, kind, _ = WISE._batch(model, WISEHParams(**{**hp, "replay": 1}).resolve(model), [second],
-                                  [first.prompt])
-    rows = [model.tokenizer.decode(batch.input_ids[i][batch.attention_mask[i].bool()], skip_special_tokens=True)
-            for i in torch.nonzero(kind == REPLAY).flatten().tolist()]
+    training = WISE._batch(model, WISEHParams(**{**hp, "replay": 1}).resolve(model), [second], [first.prompt])
+    other = training.other
+    rows = [model.tokenizer.decode(other.input_ids[i][other.attention_mask[i].bool()], skip_special_tokens=True)
+            for i in torch.nonzero(training.other_kind == REPLAY).flatten().tolist()]
     assert rows == [first.prompt.strip()] or rows == [first.prompt]
     assert "replay_act" in patch.info and replayed.prompts == [second.prompt]
     _, _, plain = second_shard(replay=0)

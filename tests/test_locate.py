@@ -144,6 +144,19 @@ def test_alphaedit_update_leaves_corpus_and_earlier_keys_alone():
     assert (kept @ earlier.T).norm() < 0.05 * (free @ earlier.T).norm()
 
 
+def test_nullspace_by_energy_share_is_scale_free():
+    n = 40
+    values = torch.cat([torch.full((8,), 0.01), torch.full((12,), 0.2), torch.linspace(1, 5, n - 20)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    C = Q @ torch.diag(values) @ Q.T
+    keys = torch.randn(4000, n, dtype=torch.float64) @ torch.diag(values.sqrt()) @ Q.T  # E[k kᵀ] = C
+    for scale in (1.0, 1000.0):  # the absolute threshold's answer changes with the keys' scale ...
+        P, dim = solvers.nullspace_projector(C * scale, threshold=2e-2)
+        assert dim == (8 if scale == 1 else 0)
+        P, dim = solvers.nullspace_projector(C * scale, threshold=2e-2, energy=0.002)  # ... the share's does not
+        assert dim == 8
+        share = float(((keys @ P) ** 2).sum() / (keys ** 2).sum())
+        assert 0.001 < share <= 0.002
 # ------------------------------------------------------------------------------------ keys and values
 
 def test_subject_last_token_positions():

@@ -214,27 +214,38 @@ class EMMET(MEMIT):
 @dataclass
 class AlphaEditHParams(MEMITHParams):
     nullspace_threshold: float = 2e-2
+    nullspace_energy: float | None = None  # set: the null space holds this fraction of the corpus keys' energy
     l2: float = 10.0
 
 
 class AlphaEdit(MEMIT):
     """AlphaEdit: updates projected onto the null space of the corpus keys and, in sequential use, kept
     off the keys of earlier edits (Fang et al. 2025). The patch records its keys (``EditedKeys``): while
-    it is applied, later AlphaEdit edits preserve them; reverting it releases them."""
+    it is applied, later AlphaEdit edits preserve them; reverting it releases them.
+
+    The null space is the eigenvectors of ``C`` below ``nullspace_threshold`` (published: 2e-2) or, with
+    ``nullspace_energy``, the smallest ones holding that share of the corpus keys' energy. On SmolLM2 the
+    published threshold keeps 1,100–1,230 of 1,536 directions, which hold 25–36 % of the energy, so it is
+    not a null space in the strict sense; yet a stricter one does not buy locality. One batch of 100 ZsRE
+    edits, Rel.(tf) / Loc.(tf): published 0.67 / 0.88; energy 5 % 0.44 / 0.88; 1 % 0.25 / 0.90; 1 % with
+    ``l2`` = 1: 0.41 / 0.68. What keeps unrelated outputs is ``l2`` (the update's norm), not ``P``: an update
+    written through directions the corpus seldom uses must be large there, and other prompts' keys
+    still have components along them."""
 
     name = "alphaedit"
     HParams = AlphaEditHParams
 
     def solve(self, model: Any, hp: AlphaEditHParams, layer: int, C: torch.Tensor, K: torch.Tensor,  # type: ignore[override]
               R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("nullspace", layer, hp.nullspace_threshold, hp.stats_tokens, str(hp.corpus))
+        key = ("nullspace", layer, hp.nullspace_threshold, hp.nullspace_energy, hp.stats_tokens, str(hp.corpus))
         if key not in model.cache:
-            model.cache[key] = nullspace_projector(C, hp.nullspace_threshold)
+            model.cache[key] = nullspace_projector(C, hp.nullspace_threshold, hp.nullspace_energy)
         P, dim = model.cache[key]
         if dim == 0:
             smallest = float(torch.linalg.eigvalsh(C.double())[0])
             raise EditError(f"alphaedit: the keys of layer {layer} have no null space below nullspace_threshold="
-                            f"{hp.nullspace_threshold:g} (smallest eigenvalue of C: {smallest:.3g}); raise the threshold")
+                            f"{hp.nullspace_threshold:g} (smallest eigenvalue of C: {smallest:.3g}); raise the threshold "
+                            "or set nullspace_energy")
         earlier = edited_keys(model, f"{model.spec.path(layer, 'mlp_out')}.weight")
         preserved = None if earlier is None else earlier.double().T @ earlier.double()
         return alphaedit_update(P, K, R, preserved, hp.l2)

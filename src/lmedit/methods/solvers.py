@@ -68,14 +68,21 @@ def emmet_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, ridge: float
     return R64.T, torch.linalg.solve(gram, c_inv_kt.T)
 
 
-def nullspace_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+def nullspace_projector(C: torch.Tensor, threshold: float, energy: float | None = None) -> tuple[torch.Tensor, int]:
     """AlphaEdit's ``P = Û Ûᵀ`` over the eigenvectors of ``C`` with eigenvalue below ``threshold``.
 
     For every corpus key ``k₀``, ``P k₀ ≈ 0``: an update of the form ``ΔW = X P`` leaves ``W k₀`` unchanged.
+    The published absolute threshold (2e-2) depends on the keys' scale; ``energy`` instead takes the
+    smallest eigen-directions that together hold at most that fraction of ``tr C`` (the corpus keys'
+    mean squared norm), so ``E‖P k₀‖² ≤ energy · E‖k₀‖²`` on any model.
     Returns ``(P, dimension of the null space)``.
     """
-    values, vectors = torch.linalg.eigh(C.to(torch.float64))
-    small = vectors[:, values < threshold]
+    values, vectors = torch.linalg.eigh(C.to(torch.float64))  # ascending
+    if energy is None:
+        small = vectors[:, values < threshold]
+    else:
+        share = torch.cumsum(values.clamp(min=0), 0) / values.clamp(min=0).sum()
+        small = vectors[:, share <= energy]
     return small @ small.T, int(small.shape[1])
 
 

@@ -42,15 +42,15 @@ from lmedit.adaptors import adaptors
 from lmedit.errors import EditError
 from lmedit.hooks import Hooks, ReplayBelow
 from lmedit.methods.base import HParams, Method, Stopwatch
-from lmedit.methods.keyvalue import _encode_mixed, context_templates
+from lmedit.methods.keyvalue import context_templates
 from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, routing_activation,
                                         ties_merge, token_weights)
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import Component
 from lmedit.requests import EditRequest
-from lmedit.scoring import Batch, target_logprobs, tokenize
+from lmedit.scoring import Batch, encode, forward_logits, target_logprobs, tokenize
 
-EDIT, UNRELATED, REPLAY = 0, 1, 2  # kinds of training rows
+UNRELATED, REPLAY = 1, 2  # kinds of the target-less training rows (``TrainingRows.other_kind``)
 
 __all__ = ["WISE", "WISEHParams", "Memory", "SideMemory", "SideMemoryEdit", "ties_merge", "unrelated_sentences"]
 
@@ -112,12 +112,12 @@ class WISE(Method):
         shard = self._open_shard(model, hp, memories)
         with watch("batch"):
             replayed = [p for m in memories if m.id != shard.id for p in m.prompts]
-            batch, kind, weights = self._batch(model, hp, requests, replayed)
+            rows = self._batch(model, hp, requests, replayed)
         if isinstance(side, SideMemory):
             side.enabled = False  # training sees only the shard being trained
         try:
             with watch("train"):
-                delta, act, info = self._train(model, hp, path, shard, batch, kind, weights)
+                delta, act, info = self._train(model, hp, path, shard, rows)
         finally:
             if isinstance(side, SideMemory):
                 side.enabled = True
@@ -154,10 +154,10 @@ class WISE(Method):
 
     @staticmethod
     def _batch(model: Any, hp: WISEHParams, requests: Sequence[EditRequest], replayed: Sequence[str] = ()
-               ) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-        """Edit rows (every request under every context prefix, with its target), unrelated rows and
-        replayed rows (earlier memories' edit prompts), their kind (``EDIT``, ``UNRELATED``, ``REPLAY``)
-        and the ``[B, T]`` weights of the tokens whose activation routes each row.
+               ) -> "TrainingRows":
+        """The training rows: edit rows (every request under every context prefix, with its target) and
+        target-less rows (``n_irrelevant`` unrelated sentences and ``replay`` earlier memories' prompts per
+        request), with the tokens whose activation routes each row.
 
         An edit row is routed by its prompt's own tokens (not the context prefix, not the target): at
         inference the decision is taken on the bare prompt. Other rows count all their tokens.
@@ -165,61 +165,79 @@ class WISE(Method):
         lengths = tuple((int(a), int(b)) for a, b in hp.context_lengths)
         templates = context_templates(model, lengths)
         prompts = [t.replace("{}", r.prompt) for r in requests for t in templates]
-        targets: list[str | None] = [r.target_new for r in requests for _ in templates]
-        kinds = [EDIT] * len(prompts)
+        edit = encode(model, prompts, [r.target_new for r in requests for _ in templates]).to(model.device)
+        edit_weights = token_weights(edit.attention_mask, *edit.input_ids.shape, model.device)
+        width = edit.input_ids.shape[1]
+        n_prompt = {r.prompt: len(tokenize(model, r.prompt)[0]) - 1 for r in requests}  # without doc start
+        for b in range(len(prompts)):
+            own = n_prompt[requests[b // len(templates)].prompt]
+            end = width - edit.target_lengths[b]
+            edit_weights[b, : max(0, end - own)] = 0
+            edit_weights[b, end:] = 0
+
+        texts: list[str] = []
+        kinds: list[int] = []
 
         def draw(pool: Sequence[str], n: int, salt: str, kind: int) -> None:
-            """``n`` texts of ``pool`` per request (seeded by the request), as target-less rows."""
+            """``n`` texts of ``pool`` per request (seeded by the request)."""
             for r in requests:
                 rng = random.Random(f"{hp.seed}:{salt}{r.prompt}:{r.target_new}")
                 for text in rng.sample(list(pool), min(n, len(pool))):
-                    prompts.append(text)
-                    targets.append(None)
+                    texts.append(text)
                     kinds.append(kind)
 
         draw(list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus), hp.n_irrelevant, "",
              UNRELATED)
         own_prompts = {r.prompt for r in requests}
         draw(sorted({p for p in replayed if p not in own_prompts}), int(hp.replay or 0), "replay:", REPLAY)
-        batch = _encode_mixed(model, prompts, targets).to(model.device)
-        kind = torch.tensor(kinds, device=model.device)
-        weights = token_weights(batch.attention_mask, *batch.input_ids.shape, model.device)
-        width = batch.input_ids.shape[1]
-        n_prompt = {r.prompt: len(tokenize(model, r.prompt)[0]) - 1 for r in requests}  # without doc start
-        for b, prompt in enumerate(prompts[: len(requests) * len(templates)]):
-            own = n_prompt[requests[b // len(templates)].prompt]
-            end = width - batch.target_lengths[b]
-            weights[b, : max(0, end - own)] = 0
-            weights[b, end:] = 0
-        return batch, kind, weights
+        if not texts:
+            return TrainingRows(edit, edit_weights, None, torch.zeros(0, dtype=torch.long), None)
+        other = encode(model, texts).to(model.device)
+        return TrainingRows(edit, edit_weights, other, torch.tensor(kinds, device=model.device),
+                            token_weights(other.attention_mask, *other.input_ids.shape, model.device))
 
     @staticmethod
-    def _train(model: Any, hp: WISEHParams, path: str, shard: Memory, batch: Batch, kind: torch.Tensor,
-               weights: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, Any]]:
-        """Gradient descent on ``τ`` (see the module docstring); returns (τ, in-scope Δ_act, info)."""
+    def _train(model: Any, hp: WISEHParams, path: str, shard: Memory, rows: "TrainingRows"
+               ) -> tuple[torch.Tensor, float, dict[str, Any]]:
+        """Gradient descent on ``τ`` (see the module docstring); returns (τ, in-scope Δ_act, info).
+
+        ``τ`` acts on ``W_out``'s output, so the keys ``a`` (``W_out``'s inputs) never change during
+        training: the unrelated and replayed rows, which enter the loss only through ``Δ_act = ‖τ a‖``,
+        are run once up to ``W_out``; only the edit rows, which need the target's NLL, run every step
+        (from the edited layer up: the blocks below are replayed).
+        """
         device = model.device
-        is_edit = kind == EDIT
         tau = shard.delta.to(device).clone().requires_grad_(True)
         mask = shard.mask.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
         conv1d = is_conv1d(get_module(model.module, path))
-        n_edit_tokens = batch.target_mask.sum(1).clamp(min=1)
+        n_edit_tokens = rows.edit.target_mask.sum(1).clamp(min=1)
         optimizer = torch.optim.SGD([tau], lr=hp.lr)
         blocks = get_module(model.module, model.spec.blocks)
         losses: list[float] = []
+        other_keys = None
+        if rows.other is not None:
+            with torch.no_grad(), Hooks(model.module) as hooks:
+                key = hooks.read(path, "input")
+                hooks.forward_until(path, forward_logits, model, rows.other, last=1)
+                other_keys = hooks[key].float()
+        is_irr, is_memo = rows.other_kind == UNRELATED, rows.other_kind == REPLAY
+        empty = torch.zeros(0, device=device)
 
-        def acts_and_nll(hooks: Hooks, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-            logp = target_logprobs(model, batch)
-            nll = -(logp.sum(1) / n_edit_tokens)[is_edit].mean()
-            act = routing_activation(hooks[key].float(), tau, weights)
-            return act, nll
+        def activations_and_nll(hooks: Hooks, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            logp = target_logprobs(model, rows.edit)
+            nll = -(logp.sum(1) / n_edit_tokens).mean()
+            a_e = routing_activation(hooks[key].float(), tau, rows.edit_weights)
+            if other_keys is None:
+                return a_e, empty, empty, nll
+            a_o = routing_activation(other_keys, tau, rows.other_weights)  # type: ignore[arg-type]
+            return a_e, a_o[is_irr], a_o[is_memo], nll
 
         with Hooks(model.module) as hooks, ReplayBelow(blocks, model.spec._layer(hp.layer)), torch.enable_grad():
             key = hooks.read(path, "input")
             hooks.add_to_weight(path, (lambda: tau.T) if conv1d else (lambda: tau))
             steps = 0
             for steps in range(1, hp.steps + 1):
-                act, nll = acts_and_nll(hooks, key)
-                a_e, a_irr, a_m = act[is_edit], act[kind == UNRELATED], act[kind == REPLAY]
+                a_e, a_irr, a_m, nll = activations_and_nll(hooks, key)
                 loss = nll + torch.relu(hp.beta - a_e).mean()
                 if a_irr.numel():
                     loss = loss + torch.relu(a_irr - hp.alpha).mean() + \
@@ -236,15 +254,25 @@ class WISE(Method):
                 with torch.no_grad():
                     tau.clamp_(-hp.norm_constraint, hp.norm_constraint)
             with torch.no_grad():
-                act, nll = acts_and_nll(hooks, key)
-        in_scope = float(act[is_edit].mean())
-        unrelated = kind == UNRELATED
-        out_scope = float(act[unrelated].mean()) if bool(unrelated.any()) else float("nan")
+                a_e, a_irr, a_m, nll = activations_and_nll(hooks, key)
         info = {"steps": steps, "loss": round(losses[-1], 4) if losses else None, "nll": round(float(nll), 4),
-                "out_scope_act": round(out_scope, 3)}
-        if bool((kind == REPLAY).any()):
-            info["replay_act"] = round(float(act[kind == REPLAY].mean()), 3)
-        return tau.detach().float().cpu(), in_scope, info
+                "out_scope_act": round(float(a_irr.mean()), 3) if a_irr.numel() else float("nan")}
+        if a_m.numel():
+            info["replay_act"] = round(float(a_m.mean()), 3)
+        return tau.detach().float().cpu(), float(a_e.mean()), info
+
+
+@dataclass
+class TrainingRows:
+    """WISE's training inputs (``WISE._batch``): the edit rows with their targets and routing-token
+    weights, and the target-less rows (``other``: unrelated sentences and replayed prompts, ``other_kind``
+    ``UNRELATED`` or ``REPLAY``) that enter the loss only through their routing activation."""
+
+    edit: Batch
+    edit_weights: torch.Tensor
+    other: Batch | None
+    other_kind: torch.Tensor
+    other_weights: torch.Tensor | None
 
 
 def _merge(group: Sequence[Memory], hp: WISEHParams, serial: int) -> Memory:
