@@ -3,6 +3,8 @@
 Tiny random models check the mathematics exactly; SmolLM2 checks that the edits really work."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -167,8 +169,8 @@ def test_subject_last_token_positions():
     assert model.tokenizer.decode(ids[idx]) == "s" and idx == 5  # <bos> P a r i s
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_rome_edit_maps_the_key_and_is_reversible(arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch,update_aware", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])
+def test_rome_edit_maps_the_key_and_is_reversible(arch, update_aware, tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     model = tiny(arch)
     # A 2-layer random model cannot be made to say much from one vector at one position: the subject
@@ -176,7 +178,7 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, tmp_path, monkeypatch):
     request = lmedit.EditRequest("The colour of {}", "grass", " Z")
     before = lmedit.scoring.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
     saved = _params(model)
-    patch = lmedit.edit(model, request, method="rome", layer=0,
+    patch = lmedit.edit(model, request, method="rome", layer=0, update_aware=update_aware,
                         **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
     assert _bit_identical(model, saved)  # edit() leaves the model as it was
     [change] = patch.components
@@ -185,6 +187,24 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, tmp_path, monkeypatch):
         after = lmedit.scoring.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
     assert after > before + 3.0, (before, after)
     assert _bit_identical(model, saved)  # reverted bit for bit
+
+
+def test_update_aware_values_see_the_rank_one_readout(tmp_path, monkeypatch):
+    """``readout`` scales δ at each row by ``uᵀk_row``: a readout orthogonal to every key leaves δ without
+    effect (the target's probability stays the unedited model's); ``u`` with ``uᵀk* = 1`` lets it act."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    request = lmedit.EditRequest("The colour of {}", "grass", " Z")
+    cfg = lmedit.get_method("rome").hparams.value_config()
+    cfg.steps, cfg.kl_factor, cfg.weight_decay, cfg.clamp_norm_factor = 30, 0.0, 0.0, 100.0
+    templates = ["{}"]
+    d_mlp = model.spec.mlp_size
+    _, _, start = keyvalue.optimize_values(model, 0, [request], templates, replace(cfg, steps=0))
+    _, _, blind = keyvalue.optimize_values(model, 0, [request], templates, cfg, readout=torch.zeros(1, d_mlp))
+    key = keyvalue.compute_keys(model, 0, [request], templates)
+    _, _, seen = keyvalue.optimize_values(model, 0, [request], templates, cfg, readout=key / (key ** 2).sum())
+    assert blind["prob"] == start["prob"]
+    assert seen["prob"][0] > 10 * start["prob"][0]
 
 
 @pytest.mark.parametrize("method", ["memit", "pmet", "emmet", "alphaedit"])
