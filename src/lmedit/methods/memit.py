@@ -242,6 +242,9 @@ class AlphaEdit(MEMIT):
             model.cache[key] = nullspace_projector(C, hp.nullspace_threshold, hp.nullspace_energy)
         P, dim = model.cache[key]
         if dim == 0:
+            if hp.nullspace_energy is not None:
+                raise EditError(f"alphaedit: no direction of layer {layer}'s keys holds less than nullspace_energy="
+                                f"{hp.nullspace_energy:g} of their energy; raise it")
             smallest = float(torch.linalg.eigvalsh(C.double())[0])
             raise EditError(f"alphaedit: the keys of layer {layer} have no null space below nullspace_threshold="
                             f"{hp.nullspace_threshold:g} (smallest eigenvalue of C: {smallest:.3g}); raise the threshold "

@@ -81,8 +81,8 @@ def nullspace_projector(C: torch.Tensor, threshold: float, energy: float | None 
     if energy is None:
         small = vectors[:, values < threshold]
     else:
-        share = torch.cumsum(values.clamp(min=0), 0) / values.clamp(min=0).sum()
-        small = vectors[:, share <= energy]
+        positive = values.clamp(min=0)
+        small = vectors[:, torch.cumsum(positive, 0) / positive.sum() <= energy]
     return small @ small.T, int(small.shape[1])
 
 
