@@ -1,6 +1,8 @@
 """Memory-based lifelong editors on tiny random models: GRACE's codebook."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -313,6 +315,54 @@ def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(
     patch.save(tmp_path / "p")  # the prompts travel with the patch
     [saved] = [m for m in Patch.load(tmp_path / "p").components[0].after if m.id == replayed.id]
     assert saved.prompts == [second.prompt]
+
+
+def test_wise_rehearses_earlier_edits_of_the_open_shard(tmp_path):
+    """``rehearse``: an earlier edit of the open shard joins the edit rows bare, with its own target;
+    the shard remembers its edits' targets (saved with the patch); with ``rehearse=0`` nothing joins."""
+    first = lmedit.EditRequest("The colour of {} is ", "grass", "Z")
+    second = lmedit.EditRequest("The taste of {} is ", "lemons", "Q")
+    hp = {**TINY_WISE, "steps": 5, "shard_size": 10}
+
+    def after_second(**extra):
+        model = tiny("llama", seed=4)
+        lmedit.edit(model, first, method="wise", **hp).apply(model)
+        patch = lmedit.edit(model, second, method="wise", **{**hp, **extra})
+        [shard] = patch.components[0].after
+        return model, patch, shard
+
+    model, patch, rehearsed = after_second(rehearse=1)
+    assert rehearsed.prompts == [first.prompt, second.prompt] and rehearsed.targets == [first.target_new, "Q"]
+    rows = WISE._batch(model, WISEHParams(**{**hp, "rehearse": 1}).resolve(model), [second], [],
+                       [(first.prompt, first.target_new)])
+    texts = [model.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+             for ids, mask in zip(rows.edit.input_ids, rows.edit.attention_mask)]
+    assert sum(t.strip() == (first.prompt + first.target_new).strip() for t in texts) == 1
+    assert sum(first.prompt.strip() in t for t in texts) == 1  # bare: no context prefix copies
+    plain_rows = WISE._batch(model, WISEHParams(**hp).resolve(model), [second], [], [(first.prompt, "Z")])
+    assert plain_rows.edit.input_ids.shape[0] == rows.edit.input_ids.shape[0] - 1
+    _, _, plain = after_second(rehearse=0)
+    assert not torch.equal(rehearsed.delta, plain.delta)
+    patch.save(tmp_path / "p")
+    [saved] = Patch.load(tmp_path / "p").components[0].after
+    assert saved.targets == [first.target_new, "Q"]
+
+
+def test_wise_unrelated_inputs_from_a_datasets_locality_prompts(tmp_path):
+    """``corpus`` naming an edit dataset: its locality prompts with their answers (the WISE paper's
+    ZsRE-train inputs), each once; a text file still gives its sentences."""
+    from lmedit.methods.wise import unrelated_sentences
+
+    record = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
+              "rephrase": "What will be the product of UniFirst?", "alt": "drones", "answers": ["uniform"],
+              "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([record, {**record, "subject": "UniFirst", "alt": "boats"}]))
+    model = tiny("llama")
+    assert unrelated_sentences(model, str(path)) == ["nq question: who wrote hamlet Shakespeare"]
+    text = tmp_path / "corpus.txt"
+    text.write_text("Rivers run to the sea through the wide green valley. Short one.\n")
+    assert unrelated_sentences(model, str(text)) == ["Rivers run to the sea through the wide green valley."]
 
 
 def test_wise_sequential_run_checkpoints_and_restores(tmp_path):

@@ -201,3 +201,15 @@ class ReplayBelow(AbstractContextManager):
             del self.blocks[i].forward  # back to the class's forward
         self._originals.clear()
         self._cache.clear()
+
+
+def read_module(model: Any, batch: Any, path: str, where: Where = "input") -> torch.Tensor:
+    """The main tensor of module ``path``'s input or output over every token of ``batch`` (an
+    ``lmedit.scoring.Batch``), ``[B, T, d]``, from one forward pass of ``model`` (an ``lmedit.Model``)
+    stopped at ``path``: the layers above it never run. Gradients flow only if the caller enables them."""
+    from lmedit.scoring import forward_logits
+
+    with Hooks(model.module) as hooks:
+        key = hooks.read(path, where)
+        hooks.forward_until(path, forward_logits, model, batch, last=1)
+        return hooks[key]

@@ -30,7 +30,7 @@ import torch
 
 from lmedit.adaptors import Adaptor, adaptors, drop_if_empty, get_or_attach, restore, snapshot
 from lmedit.errors import PatchError
-from lmedit.hooks import Hooks, ReplayBelow
+from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.models.spec import get_module
 from lmedit.patch import COMPONENTS, Component
@@ -241,10 +241,7 @@ class GRACE(Method):
     def _key(model: Any, path: str, prompt: str) -> tuple[torch.Tensor, int]:
         """The layer input at the prompt's last token, and that token's position."""
         batch = encode(model, [prompt])
-        with Hooks(model.module) as hooks:
-            key = hooks.read(path, "input")
-            hooks.forward_until(path, forward_logits, model, batch, last=1)
-            return hooks[key][0, -1].float().clone(), batch.input_ids.shape[1] - 1
+        return read_module(model, batch, path)[0, -1].float().clone(), batch.input_ids.shape[1] - 1
 
     @staticmethod
     def _train_value(model: Any, hp: GRACEHParams, path: str, request: EditRequest, position: int) -> torch.Tensor:

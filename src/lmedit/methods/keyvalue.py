@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.hooks import Hooks, ReplayBelow
+from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams
 from lmedit.models.spec import get_module
 from lmedit.requests import EditRequest
-from lmedit.scoring import Batch, FixedPrefix, encode, forward_logits, tokenize
+from lmedit.scoring import Batch, FixedPrefix, encode, tokenize
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 READ_GROUP = 32  # requests per forward pass when reading keys and states
@@ -143,10 +143,8 @@ def read_at_subject(model: Any, path: str, where: str, requests: Sequence[EditRe
         return torch.cat([read_at_subject(model, path, where, requests[i:i + READ_GROUP], templates)
                           for i in range(0, len(requests), READ_GROUP)])
     prompted = prefixed_prompts(model, requests, templates, with_targets=False, kl=False)
-    with Hooks(model.module) as hooks:
-        key = hooks.read(path, where)  # type: ignore[arg-type]
-        hooks.forward_until(path, forward_logits, model, prompted.batch, last=1)
-        rows = hooks[key][torch.arange(len(prompted.positions)), prompted.positions].float()
+    rows = read_module(model, prompted.batch, path, where)[torch.arange(len(prompted.positions)),  # type: ignore[arg-type]
+                                                          prompted.positions].float()
     return _mean_by_owner(rows, prompted.owner, len(requests))
 
 
@@ -290,10 +288,8 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
     scale = torch.ones(len(rows), device=model.device)
     if readout is not None:  # each row gets δ·uᵀk_row (see optimize_values)
         path = model.spec.path(layer, "mlp_out")
-        with torch.no_grad(), Hooks(model.module) as hooks:
-            key = hooks.read(path, "input")
-            hooks.forward_until(path, forward_logits, model, batch, last=1)
-            row_keys = hooks[key][rows, prompted.positions].float()
+        with torch.no_grad():
+            row_keys = read_module(model, batch, path)[rows, prompted.positions].float()
         scale = (row_keys * readout.to(row_keys)[prompted.owner]).sum(-1)
     n_req = len(requests)
     spec = model.spec

@@ -44,6 +44,7 @@ class Memory:
     merged: bool = False
     version: int = 0
     prompts: list[str] = field(default_factory=list)  # its edits' prompts (replayed when training later shards)
+    targets: list[str] = field(default_factory=list)  # their targets (rehearsed while the shard is open)
 
     @property
     def threshold(self) -> float:
@@ -52,7 +53,8 @@ class Memory:
     def meta(self) -> dict[str, Any]:
         return {"id": self.id, "serial": self.serial, "edits": self.edits, "min_act": self.min_act,
                 "act_ratio": self.act_ratio, "shards": self.shards, "merged": self.merged, "version": self.version,
-                "has_mask": self.mask is not None, "prompts": list(self.prompts)}
+                "has_mask": self.mask is not None, "prompts": list(self.prompts),
+                "targets": list(self.targets)}
 
 
 def token_weights(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device,
