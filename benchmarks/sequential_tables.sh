@@ -18,6 +18,11 @@ for model in $models; do
       wise-retrieve) args=(--method wise --hparam mode=retrieve) ;;
       alphaedit|memit) args+=(--batch-size 100) ;;
     esac
+    # WISE and DEFER learn to keep unrelated inputs out; on ZsRE they see the train split's questions
+    # (the WISE paper's setting), in the format of the locality probes but disjoint from them.
+    if [ "$DATA" = zsre ]; then
+      case $method in wise|wise-retrieve|defer) args+=(--hparam corpus=zsre-train) ;; esac
+    fi
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
       --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume
   done

@@ -189,7 +189,7 @@ from lmedit.methods.wise import REPLAY, WISE, WISEHParams  # noqa: E402
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
 # Tiny random models have small activations: margins scaled to them (the published ones suit 7B models).
 TINY_WISE = dict(layer=1, alpha=0.5, beta=3.0, gamma=2.0, steps=40, lr=1.0, irrelevant=UNRELATED,
-                 n_irrelevant=2, context_lengths=((3, 2),))
+                 n_irrelevant=2, context_lengths=((3, 2),), mask_ratio=0.2)
 
 
 def _side(model) -> SideMemory:
@@ -339,13 +339,27 @@ def test_wise_rehearses_earlier_edits_of_the_open_shard(tmp_path):
              for ids, mask in zip(rows.edit.input_ids, rows.edit.attention_mask)]
     assert sum(t.strip() == (first.prompt + first.target_new).strip() for t in texts) == 1
     assert sum(first.prompt.strip() in t for t in texts) == 1  # bare: no context prefix copies
-    plain_rows = WISE._batch(model, WISEHParams(**hp).resolve(model), [second], [], [(first.prompt, "Z")])
+    plain_rows = WISE._batch(model, WISEHParams(**{**hp, "rehearse": 0}).resolve(model), [second], [],
+                             [(first.prompt, "Z")])
     assert plain_rows.edit.input_ids.shape[0] == rows.edit.input_ids.shape[0] - 1
     _, _, plain = after_second(rehearse=0)
     assert not torch.equal(rehearsed.delta, plain.delta)
     patch.save(tmp_path / "p")
     [saved] = Patch.load(tmp_path / "p").components[0].after
     assert saved.targets == [first.target_new, "Q"]
+
+
+def test_wise_mask_ratio_keeps_the_papers_trainable_entries_per_shard():
+    """ρ defaults to the paper's 0.2 at Llama-2-7B's ``W_out`` size and grows to 1 on small models."""
+    from lmedit.methods.wise import default_mask_ratio
+
+    assert default_mask_ratio(4096, 11008) == pytest.approx(0.2)
+    assert default_mask_ratio(8192, 28672) == pytest.approx(0.2 * 4096 * 11008 / (8192 * 28672))
+    assert default_mask_ratio(576, 1536) == 1.0
+    model = tiny("llama")
+    assert WISEHParams().resolve(model).mask_ratio == 1.0
+    patch = lmedit.edit(model, EDIT, method="wise", **{**TINY_WISE, "mask_ratio": None, "steps": 2})
+    assert bool(patch.components[0].after[0].mask.all())
 
 
 def test_wise_unrelated_inputs_from_a_datasets_locality_prompts(tmp_path):
