@@ -17,7 +17,6 @@ holds the whole gate/adaptor state before and after the edit, so it reverts exac
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -28,7 +27,7 @@ from lmedit.errors import EditError, PatchError
 from lmedit.hooks import Hooks, ReplayBelow
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.keyvalue import _encode_mixed
-from lmedit.methods.wise import unrelated_sentences
+from lmedit.methods.wise import sample_per_request, unrelated_sentences
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import COMPONENTS, Component
 from lmedit.requests import EditRequest
@@ -146,7 +145,8 @@ class DEFERHParams(HParams):
         layer: the layer whose ``W_out`` gets the gate and adaptor (default: depth fraction 27/31).
         lr: Adam learning rate of the adaptor; gate_lr: of the gate.  steps: optimisation steps.
         threshold: the gate value from which the adaptor answers.
-        n_irrelevant: unrelated sentences per edit (from ``corpus``, or ``irrelevant`` if given).
+        n_irrelevant: unrelated inputs per edit (``irrelevant`` if given, else ``wise.unrelated_sentences(corpus)``:
+            sentences of a text corpus, or an edit dataset's locality prompts, e.g. ``corpus="zsre-train"``).
     """
 
     layer: int | None = None
@@ -201,11 +201,9 @@ class DEFER(Method):
         pool = list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus)
         prompts: list[str] = [r.prompt for r in requests]
         targets: list[str | None] = [r.target_new for r in requests]
-        for r in requests:
-            rng = random.Random(f"{hp.seed}:{r.prompt}:{r.target_new}")
-            for text in rng.sample(pool, min(hp.n_irrelevant, len(pool))):
-                prompts.append(text)
-                targets.append(None)
+        for sample in sample_per_request(requests, pool, hp.n_irrelevant, hp.seed):
+            prompts.extend(sample)
+            targets.extend([None] * len(sample))
         batch = _encode_mixed(model, prompts, targets).to(device)
         n = len(requests)
         width = batch.input_ids.shape[1]

@@ -56,7 +56,7 @@ import random
 import re
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, TypeVar
 
 import torch
 
@@ -72,6 +72,7 @@ from lmedit.patch import Component
 from lmedit.requests import EditRequest
 from lmedit.scoring import Batch, encode, target_logprobs, tokenize
 
+Item = TypeVar("Item")
 UNRELATED, REPLAY = 1, 2  # kinds of the target-less training rows (``TrainingRows.other_kind``)
 
 __all__ = ["WISE", "WISEHParams", "Memory", "SideMemory", "SideMemoryEdit", "ties_merge", "unrelated_sentences"]
@@ -207,9 +208,8 @@ class WISE(Method):
         pairs = [(t.replace("{}", r.prompt), r.prompt, r.target_new) for r in requests for t in templates]
         own_prompts = {r.prompt for r in requests}
         earlier = [e for e in shard_edits if e[0] not in own_prompts]
-        for r in requests if hp.rehearse and earlier else ():
-            rng = random.Random(f"{hp.seed}:rehearse:{r.prompt}:{r.target_new}")
-            pairs += [(p, p, t) for p, t in rng.sample(earlier, min(hp.rehearse, len(earlier)))]
+        for sample in sample_per_request(requests, earlier, hp.rehearse, hp.seed, "rehearse:"):
+            pairs += [(p, p, t) for p, t in sample]
         edit = encode(model, [row for row, _, _ in pairs], [t for _, _, t in pairs]).to(model.device)
         edit_weights = token_weights(edit.attention_mask, *edit.input_ids.shape, model.device)
         width = edit.input_ids.shape[1]
@@ -224,12 +224,9 @@ class WISE(Method):
         kinds: list[int] = []
 
         def draw(pool: Sequence[str], n: int, salt: str, kind: int) -> None:
-            """``n`` texts of ``pool`` per request (seeded by the request)."""
-            for r in requests:
-                rng = random.Random(f"{hp.seed}:{salt}{r.prompt}:{r.target_new}")
-                for text in rng.sample(list(pool), min(n, len(pool))):
-                    texts.append(text)
-                    kinds.append(kind)
+            for sample in sample_per_request(requests, pool, n, hp.seed, salt):
+                texts.extend(sample)
+                kinds.extend([kind] * len(sample))
 
         draw(list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus), hp.n_irrelevant, "",
              UNRELATED)
@@ -323,6 +320,16 @@ def _merge(group: Sequence[Memory], hp: WISEHParams, serial: int) -> Memory:
     return Memory(uuid.uuid4().hex[:16], serial, delta, None, sum(m.edits for m in group),
                   min(m.min_act for m in group), group[-1].act_ratio, sum(m.shards for m in group), True,
                   prompts=[p for m in group for p in m.prompts], targets=[t for m in group for t in m.targets])
+
+
+def sample_per_request(requests: Sequence[EditRequest], pool: Sequence[Item], n: int, seed: int, salt: str = ""
+                       ) -> list[list[Item]]:
+    """``min(n, len(pool))`` items of ``pool`` for each request, drawn without replacement by a generator
+    seeded with the seed, ``salt`` and the request (so a request always gets the same ones)."""
+    if n <= 0 or not pool:
+        return [[] for _ in requests]
+    return [random.Random(f"{seed}:{salt}{r.prompt}:{r.target_new}").sample(list(pool), min(n, len(pool)))
+            for r in requests]
 
 
 def unrelated_sentences(model: Any, corpus: str | None = None) -> list[str]:
