@@ -282,6 +282,27 @@ def test_wise_shards_close_merge_and_revert_exactly(mode, shards_per_memory):
     assert not adaptors(model)
 
 
+def test_wise_merged_memory_threshold_is_measured_on_its_prompts():
+    """After a merge, ``min_act`` is the smallest inference-time Δ_act of the merged memory's prompts
+    (the shards' training-time activations no longer hold for the merged τ), so every one is routed in."""
+    model = tiny("llama", seed=3)
+    hp = {**TINY_WISE, "steps": 20, "shard_size": 1, "merge_every": 2, "mask_ratio": 1.0}
+    requests = [lmedit.EditRequest(f"Fact {i} is about ", "Fact", "zq"[i]) for i in range(2)]
+    patches = [lmedit.edit(model, r, method="wise", **hp).apply(model) for r in requests]
+    [merged] = _side(model).memories
+    [first] = patches[0].components[0].after
+    trained = min(first.min_act, patches[1].info["in_scope_act"])
+    acts = []
+    for r in requests:
+        _logits(model, r.prompt)
+        acts.append(float(_side(model).last_activations[0, 0]))
+        assert _side(model)._route.tolist() == [0]
+    assert merged.min_act == pytest.approx(min(acts), rel=1e-4)
+    assert merged.min_act != pytest.approx(trained, rel=1e-3)  # not the shards' training-time figure
+    for p in reversed(patches):
+        p.revert()
+
+
 def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(tmp_path):
     """L_memo: the earlier memory's edit prompt joins the batch as a replay row; its term is
     relu(Δ_act − α) only (with α out of reach training is exactly that without replay)."""
