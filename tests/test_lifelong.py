@@ -188,7 +188,7 @@ from lmedit.methods.wise import REPLAY, WISE, WISEHParams  # noqa: E402
 
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
 # Tiny random models have small activations: margins scaled to them (the published ones suit 7B models).
-TINY_WISE = dict(layer=1, alpha=0.5, beta=3.0, gamma=2.0, steps=40, lr=1.0, irrelevant=UNRELATED,
+TINY_WISE = dict(layer=1, alpha=0.5, beta=3.0, gamma=4.0, steps=40, lr=1.0, irrelevant=UNRELATED,
                  n_irrelevant=2, context_lengths=((3, 2),), mask_ratio=0.2)
 
 
@@ -248,6 +248,8 @@ def test_wise_edit_writes_side_memory_routes_and_reverts(arch, tmp_path):
     assert float(memory.delta.abs().max()) <= 1.0  # the norm constraint
     after = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
     assert side._route.tolist() == [0] and after > before + 1.0
+    _logits(model, EDIT.prompt)  # the threshold is measured on the bare prompt, as inference routes it
+    assert memory.min_act == pytest.approx(float(side.last_activations[0, 0]), rel=1e-2)
     assert torch.equal(_logits(model, OTHER), before_other)  # unrelated input: routed to the main memory
     assert side._route.tolist() == [-1]
     patch.revert()

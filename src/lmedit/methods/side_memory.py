@@ -38,7 +38,7 @@ class Memory:
     delta: torch.Tensor  # τ, float32, [d_model, d_mlp], on the CPU
     mask: torch.Tensor | None  # bool [d_model, d_mlp]: the entries this open shard may train
     edits: int
-    min_act: float  # smallest in-scope Δ_act its edits reached
+    min_act: float  # smallest Δ_act of its edits' prompts
     act_ratio: float
     shards: int = 1
     merged: bool = False
