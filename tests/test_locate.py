@@ -462,3 +462,30 @@ def test_value_store_resumes_a_killed_mass_edit(tmp_path, monkeypatch):
     assert calls["n"] == -100 + 2  # only the two groups not finished before the kill were optimised
     for a, b in zip(full.components, again.components):
         torch.testing.assert_close(a.dense(), b.dense())
+
+
+def test_values_grouped_by_suffix_come_back_in_request_order(tmp_path, monkeypatch):
+    """Groups are formed from requests sorted by suffix length (so a group's rows share most of their
+    fixed prefix); the values come back in the requests' own order."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    requests = [lmedit.EditRequest("The colour of {} is", "grass", " a dull green shade"),
+                lmedit.EditRequest("{}", "snow", " Z"),
+                lmedit.EditRequest("In the town of {} people say", "coal", " black"),
+                lmedit.EditRequest("{} is", "sky", " Q")]
+    lengths = [keyvalue._suffix_tokens(model, r) for r in requests]
+    assert lengths[1] < lengths[3] < lengths[2] < lengths[0]
+    groups = []
+
+    def marked(model, layer, group, templates, cfg, sites, readout):  # δ = v̄ = the request's index
+        groups.append([requests.index(r) for r in group])
+        ids = torch.tensor([float(requests.index(r)) for r in group])
+        value = ids[None, :, None].expand(1, len(group), 3).clone()
+        return value, value + 10, {"steps": 0, "nll": ids.tolist(), "prob": ids.tolist()}
+
+    monkeypatch.setattr(keyvalue, "_optimize_group", marked)
+    cfg = replace(lmedit.get_method("rome").hparams.value_config(), group=2)
+    delta, v_bar, info = keyvalue.optimize_values(model, 1, requests, ["{}"], cfg)
+    assert groups == [[1, 3], [2, 0]]  # shortest suffixes together
+    assert delta[0, :, 0].tolist() == [0, 1, 2, 3] and v_bar[0, :, 0].tolist() == [10, 11, 12, 13]
+    assert info["prob"] == [0, 1, 2, 3]

@@ -212,7 +212,10 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
     ``"block"``: MEMIT's residual stream; ``("attn_out", "mlp_out")``: PMET's joint optimisation). Weight
     decay and the norm clamp apply per site, relative to that site's original output.
     Returns ``(δ [S, R, d], v̄ [S, R, d], info)`` with ``v̄`` the mean original output over the templates;
-    requests are optimised in groups of ``cfg.group``.
+    requests are optimised in groups of ``cfg.group``, formed after sorting them by the number of tokens
+    from the subject's last token to the end of the target (``_suffix_tokens``): a step runs only the
+    positions from the group's earliest subject on (``FixedPrefix``), so groups of like suffixes waste
+    fewer (results are returned in the requests' order).
 
     ``readout`` ([R, d_mlp], one ``u`` per request with ``uᵀk* = 1``) optimises δ *through a rank-one
     update* ``ΔW = δ uᵀ``: the row with key ``k_j`` receives ``δ · uᵀk_j`` instead of ``δ``, which is exactly
@@ -220,19 +223,36 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
     """
     step = max(1, cfg.group)
     store = ValueStore(model, layer, templates, cfg, sites) if cfg.cache and readout is None else None
+    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(model, requests[i])) if step > 1 \
+        else list(range(len(requests)))
     parts = []
-    for i in range(0, len(requests), step):
-        group = requests[i:i + step]
+    for i in range(0, len(order), step):
+        members = order[i:i + step]
+        group = [requests[j] for j in members]
         saved = store.get(group) if store is not None else None
         if saved is None:
             saved = _optimize_group(model, layer, group, templates, cfg, sites,
-                                    None if readout is None else readout[i:i + step])
+                                    None if readout is None else readout[members])
             if store is not None:
                 store.put(group, saved)
         parts.append(saved)
-    info = {"steps": [p[2]["steps"] for p in parts], "nll": [x for p in parts for x in p[2]["nll"]],
-            "prob": [x for p in parts for x in p[2]["prob"]]}
-    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1), info
+    back = torch.tensor(order).argsort()  # sorted position of each request
+    nll = [x for p in parts for x in p[2]["nll"]]
+    prob = [x for p in parts for x in p[2]["prob"]]
+    info = {"steps": [p[2]["steps"] for p in parts], "nll": [nll[k] for k in back.tolist()],
+            "prob": [prob[k] for k in back.tolist()]}
+    delta = torch.cat([p[0] for p in parts], dim=1)[:, back.to(parts[0][0].device)]
+    v_bar = torch.cat([p[1] for p in parts], dim=1)[:, back.to(parts[0][1].device)]
+    return delta, v_bar, info
+
+
+def _suffix_tokens(model: Any, request: EditRequest) -> int:
+    """Tokens from the subject's last token to the end of the target in the bare prompt (the part of a
+    row a v* step must run)."""
+    prompt = request.prompt
+    end = request.template.index("{}") + len(request.subject)
+    n_prompt = len(tokenize(model, model.format_prompt(prompt))[0])
+    return n_prompt - subject_last_token(model, prompt, end) + len(tokenize(model, " " + request.target_new)[0])
 
 
 class ValueStore:
