@@ -18,11 +18,12 @@ for model in $models; do
       wise-retrieve) args=(--method wise --hparam mode=retrieve) ;;
       alphaedit|memit) args+=(--batch-size 100) ;;
     esac
-    # WISE and DEFER learn to keep unrelated inputs out; on ZsRE they see the train split's questions
+    # WISE and DEFER learn to keep unrelated inputs out; they see the train split's locality inputs
     # (the WISE paper's setting), in the format of the locality probes but disjoint from them.
-    if [ "$DATA" = zsre ]; then
-      case $method in wise|wise-retrieve|defer) args+=(--hparam corpus=zsre-train) ;; esac
-    fi
+    case $DATA in
+      zsre|hallucination|temporal)
+        case $method in wise|wise-retrieve|defer) args+=(--hparam "corpus=$DATA-train") ;; esac ;;
+    esac
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
       --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume
   done

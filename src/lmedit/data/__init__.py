@@ -36,7 +36,9 @@ NAMES = {
     "wikibio": "knowedit/benchmark_WikiBio_wikibio-test-all.json",
     "mquake": "mquake/MQuAKE-hard.json",
     "hallucination": "lifelong/hallucination-edit.json",
+    "hallucination-train": "lifelong/hallucination-train.json",
     "temporal": "lifelong/temporal-edit.json",
+    "temporal-train": "lifelong/temporal-train.json",
 }
 
 
