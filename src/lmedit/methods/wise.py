@@ -51,8 +51,8 @@ one side memory; **WISE-Retrieve** (``mode="retrieve"``) merges only the shards 
 keeping earlier merged memories apart to be retrieved by activation.
 
 **Threshold (lmedit's change).** A memory's ``min_act`` is measured on its edits' bare prompts under its
-``τ`` as it is after each edit and each merge (``_rethreshold``), not kept from training time: later
-edits and merges move every activation (see ``_rethreshold`` for the figures). Training is unchanged.
+``τ`` as it is after each edit and each merge (``side_memory.measured_threshold``), not kept from training
+time: later edits and merges move every activation (see there for the figures). Training is unchanged.
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ from lmedit.errors import EditError
 from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.keyvalue import context_templates
-from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, routing_activation,
-                                        ties_merge, token_weights)
+from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, measured_threshold,
+                                        routing_activation, ties_merge, token_weights)
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import Component
 from lmedit.requests import EditRequest
@@ -164,7 +164,7 @@ class WISE(Method):
         finally:
             if isinstance(side, SideMemory):
                 side.enabled = True
-        written = _rethreshold(model, path, replace(
+        written = measured_threshold(model, path, replace(
             shard, delta=delta, edits=shard.edits + len(requests), version=shard.version + 1,
             prompts=shard.prompts + [r.prompt for r in requests], targets=shard.targets + [r.target_new for r in requests]))
         if written.edits >= hp.shard_size:
@@ -175,7 +175,7 @@ class WISE(Method):
         if merged_now:  # Merge: everything into one memory; Retrieve: the shards since the last merge
             group = [m for m in post if hp.mode == "merge" or not m.merged]
             with watch("merge"):
-                merged = _rethreshold(model, path, _merge(group, hp, serial=min(m.serial for m in group)))
+                merged = measured_threshold(model, path, _merge(group, hp, serial=min(m.serial for m in group)))
             post = [m for m in post if m not in group] + [merged]
         removed = [m for m in memories if not any(m is q for q in post)]
         added = [q for q in post if not any(q is m for m in memories)]
@@ -324,48 +324,6 @@ def _merge(group: Sequence[Memory], hp: WISEHParams, serial: int) -> Memory:
     return Memory(uuid.uuid4().hex[:16], serial, delta, None, sum(m.edits for m in group),
                   min(m.min_act for m in group), group[-1].act_ratio, sum(m.shards for m in group), True,
                   prompts=[p for m in group for p in m.prompts], targets=[t for m in group for t in m.targets])
-
-
-def _rethreshold(model: Any, path: str, memory: Memory) -> Memory:
-    """``memory`` with ``min_act`` measured on its edits' bare prompts under its ``τ`` as it is now:
-    ``min_j Δ_act(x_j)``, computed exactly as at inference (``_prompt_keys``).
-
-    The paper keeps the smallest in-scope activation each edit reached *when it was trained*. Both later
-    training and merging move those activations: after 131 sequential ZsRE edits on SmolLM2 the recorded
-    minimum was 109 but every edit prompt's activation was ≥ 127, so the threshold (× 0.88) let 33 of
-    131 unrelated test questions into the memory where the measured one lets 2 (all edits and
-    rephrasings still routed in); two dense shards of 25 edits merged routed 23 of 50 in (Loc. 0.74 → 1.00).
-    """
-    if not memory.prompts:
-        return memory
-    keys = _prompt_keys(model, path, memory.prompts)
-    tau = memory.delta.to(model.device)
-    lengths = [len(k) for k in keys]
-    norms = torch.linalg.vector_norm(torch.cat(keys).float() @ tau.T, dim=-1)
-    acts = torch.stack([part.mean() for part in norms.split(lengths)])
-    return replace(memory, min_act=float(acts.min()))
-
-
-def _prompt_keys(model: Any, path: str, prompts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
-    """``W_out``'s inputs at each bare prompt's routing tokens (``[n_tokens, d_mlp]``, bfloat16 on the CPU
-    to keep 1,000 prompts in ~37 MB), cached on the model while nothing below the side memory changes:
-    the cache key holds every parameter's in-place version counter and the adaptors on other modules."""
-    state = (tuple(p._version for p in model.module.parameters()),
-             tuple(sorted((where, id(a)) for where, a in adaptors(model).items() if where != path)))
-    cached = model.cache.get(("wise_prompt_keys", path))
-    if cached is None or cached[0] != state:
-        cached = model.cache[("wise_prompt_keys", path)] = (state, {})
-    store: dict[str, torch.Tensor] = cached[1]
-    missing = [p for p in dict.fromkeys(prompts) if p not in store]
-    with torch.no_grad():
-        for i in range(0, len(missing), batch_size):
-            chunk = missing[i: i + batch_size]
-            batch = encode(model, chunk)
-            keys = read_module(model, batch, path)
-            weights = token_weights(batch.attention_mask, *batch.input_ids.shape, model.device)
-            for b, prompt in enumerate(chunk):
-                store[prompt] = keys[b, weights[b] > 0].to(device="cpu", dtype=torch.bfloat16)
-    return [store[p].to(model.device) for p in prompts]
 
 
 def sample_per_request(requests: Sequence[EditRequest], pool: Sequence[Item], n: int, seed: int, salt: str = ""
