@@ -12,7 +12,8 @@ component (the same code path inference runs after real edits), with placeholder
 
 - GRACE: a codebook of T entries (keys with the statistics of the layer's real inputs, radius 1); every
   query pays the distance to all T keys at every position.
-- WISE-Merge: one side memory (merging keeps one for any T); WISE-Retrieve: ⌈T/500⌉ shard memories.
+- WISE-Merge: one side memory (merging keeps one for any T); WISE-Retrieve: one memory per merge group
+  (``default_sharding``: ⌈T/1000⌉ at 7B; on small models every shard is kept, ⌈T/49⌉ on SmolLM2).
   Both are timed twice: routing only (no memory answers) and routed (a memory answers every query,
   the extra side-FFN product included) — real traffic lies between the two.
 - DEFER: one gate + adaptor (its size does not grow with T).
@@ -41,6 +42,7 @@ from lmedit.methods.defer import DEFER, DeferralEdit
 from lmedit.methods.grace import CodebookEdit
 from lmedit.methods.ike import ContextFacts
 from lmedit.methods.side_memory import Memory, SideMemoryEdit
+from lmedit.methods.wise import default_mask_ratio, default_sharding
 from lmedit.patch import Patch
 from lmedit.scoring import generate, join, tokenize
 
@@ -66,10 +68,11 @@ def grace(model: Any, T: int, path: str, stats: torch.Tensor) -> Patch:
     return Patch("grace", {}, [], model.fingerprint, [comp])
 
 
-def wise(model: Any, T: int, path: str, mode: str, routed: bool, shard_size: int = 500) -> Patch:
-    n = 1 if mode == "merge" else max(1, math.ceil(T / shard_size))
-    g = torch.Generator().manual_seed(0)
+def wise(model: Any, T: int, path: str, mode: str, routed: bool) -> Patch:
     d_model, d_mlp = model.spec.hidden_size, model.spec.mlp_size
+    shard_size, merge_every = default_sharding(mode, d_model, d_mlp, default_mask_ratio(d_model, d_mlp))
+    n = 1 if mode == "merge" else max(1, math.ceil(T / merge_every))  # memories once merged (or kept apart)
+    g = torch.Generator().manual_seed(0)
     threshold = 0.0 if routed else float("inf")
     memories = [Memory(uuid.uuid4().hex[:16], i, 1e-3 * torch.randn(d_model, d_mlp, generator=g), None,
                        min(T, shard_size), threshold, 1.0, merged=mode == "merge") for i in range(n)]

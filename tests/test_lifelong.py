@@ -184,7 +184,7 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
 # ---------------------------------------------------------------------------- WISE
 
 from lmedit.methods.side_memory import Memory, SideMemory, SideMemoryEdit, ties_merge  # noqa: E402
-from lmedit.methods.wise import REPLAY, WISE, WISEHParams  # noqa: E402
+from lmedit.methods.wise import REPLAY, WISE, WISEHParams, default_sharding  # noqa: E402
 
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
 # Tiny random models have small activations: margins scaled to them (the published ones suit 7B models).
@@ -305,13 +305,39 @@ def test_wise_merged_memory_threshold_is_measured_on_its_prompts():
         p.revert()
 
 
+def test_wise_retrieve_keeps_small_models_dense_shards_apart():
+    """``default_sharding``: the paper's 500 / 1,000 in merge mode and at 7B; in retrieve mode a small model's
+    shard holds the paper's edits per trainable entry and dense shards are never merged, so two edits on a
+    tiny model end as two memories, whole (not TIES-trimmed), both prompts routed to the side memory."""
+    assert default_sharding("merge", 576, 1536, 1.0) == (500, 1000)
+    assert default_sharding("retrieve", 4096, 11008, 0.2) == (500, 1000)  # Llama-2-7B: the paper's
+    assert default_sharding("retrieve", 576, 1536, 1.0) == (49, 49)  # SmolLM2-135M
+    assert default_sharding("retrieve", 640, 2048, 1.0) == (73, 73)  # Gemma-3-270M
+    model = tiny("llama", seed=4)
+    hp = {**TINY_WISE, "steps": 20, "mode": "retrieve", "mask_ratio": 1.0}
+    resolved = WISEHParams(**hp).resolve(model)
+    assert resolved.shard_size == resolved.merge_every == 1
+    requests = [lmedit.EditRequest("The colour of {} is ", "grass", "Z"),
+                lmedit.EditRequest("The taste of {} is ", "lemons", "Q")]
+    for r in requests:
+        lmedit.edit(model, r, method="wise", **hp).apply(model)
+    memories = _side(model).memories
+    assert len(memories) == 2 and all(m.mask is None and m.edits == 1 for m in memories)
+    assert [m.prompts for m in memories] == [[r.prompt] for r in requests]  # not merged into one
+    assert all(m.merged and float((m.delta != 0).float().mean()) > 0.9 for m in memories)  # kept whole
+    for r in requests:
+        _logits(model, r.prompt)
+        assert _side(model)._route.tolist() != [-1]
+
+
 def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(tmp_path):
     """L_memo: the earlier memory's edit prompt joins the batch as a replay row; its term is
     relu(Δ_act − α) only (with α out of reach training is exactly that without replay)."""
     first = lmedit.EditRequest("The colour of {} is ", "grass", "Z")
     second = lmedit.EditRequest("The taste of {} is ", "lemons", "Q")
     hp = {**TINY_WISE, "steps": 5, "mode": "retrieve", "shard_size": 1, "merge_every": 100}
-    assert WISEHParams(mode="retrieve").resolve(tiny("llama")).replay == 2
+    assert WISEHParams(mode="retrieve", mask_ratio=0.2).resolve(tiny("llama")).replay == 2
+    assert WISEHParams(mode="retrieve").resolve(tiny("llama")).replay == 0  # dense shards: no replay
     assert WISEHParams().resolve(tiny("llama")).replay == 0  # merge mode: all shards end in one memory
 
     def second_shard(**extra):

@@ -12,7 +12,8 @@ where ``x_e`` is the edit prompt with its target under every context prefix (the
 ``"{}"``-templates of ROME, 5 of 5 and 5 of 10 tokens), ``x_irr`` are unrelated sentences
 (``n_irrelevant`` per edit, from the corpus: the benchmark data's Wikipedia passages by default) and
 ``x_m`` are **replayed** prompts of earlier memories' edits (the paper's ``L_memo``: ``replay`` per
-edit, default 2 in retrieve mode, so a new shard stays silent on what older shards answer). The side
+edit, default 2 in retrieve mode with sparse shards, so a new shard stays silent on what older shards
+answer; see "Sharding and merging" for why not with dense ones). The side
 memory is on for every row during training. After each step ``τ``'s gradient is multiplied by the
 shard's random **mask** (a fraction ``mask_ratio`` of its entries, 0.2 in the paper; the paper's knowledge
 sharding) and ``τ`` is clamped to ``|τ_ij| ≤ norm_constraint``.
@@ -48,7 +49,17 @@ against ZsRE-train's questions none (Loc. 1.00).
 opens a new shard with a fresh mask. Every ``merge_every`` edits (1000) shards are merged TIES-style
 (``side_memory.ties_merge``, density 0.53): **WISE-Merge** (``mode="merge"``) merges everything into
 one side memory; **WISE-Retrieve** (``mode="retrieve"``) merges only the shards since the last merge,
-keeping earlier merged memories apart to be retrieved by activation.
+keeping earlier merged memories apart to be retrieved by activation. On small models retrieve mode's
+shards are smaller and never merged (``default_sharding``): a dense shard of SmolLM2 holds the paper's
+edits per trainable entry at 49 edits, and TIES-merging dense shards averages them (50 ZsRE edits: two
+shards of 25 kept apart 0.96 / 0.89 / 1.00 Rel / Gen / Loc, merged 0.89 / 0.79 / 1.00; one dense
+shard of 360 edits falls to 0.76 / 0.66). Nor do dense shards replay older memories' prompts: with the
+α ceiling out of reach on a small model (unrelated inputs sit at 65–130 against α = 20), replay makes
+the new shard fire on everything instead — on SmolLM2, a second shard of 12 ZsRE edits trained with
+replay 2 reached 101–141 on unrelated test questions (5 of 61 above its threshold) and 155–258 on its
+own prompts; without replay 53–84 (none above) and 115–194, its own prompts and the first shard's
+still routed to the right memory (59 of 61). A 100-edit run with replay had routed 82 of 110 unrelated
+questions into the second shard (Loc. 0.33).
 
 **Threshold (lmedit's change).** A memory's ``min_act`` is measured on its edits' bare prompts under its
 ``τ`` as it is after each edit and each merge (``side_memory.measured_threshold``), not kept from training
@@ -94,10 +105,13 @@ class WISEHParams(HParams):
         act_ratio: ε = act_ratio · the smallest in-scope activation of a memory's edits.
         mask_ratio: ρ, the fraction of ``τ``'s entries a shard trains (default ``default_mask_ratio``: the
             paper's 0.2 on Llama-2-7B's 45M-entry ``W_out``, 1.0 on models whose ``W_out`` is 9M entries or less).
-        shard_size: edits per shard (``save_freq``); merge_every: edits between merges (``merge_freq``).
+        shard_size: edits per shard (``save_freq``); merge_every: edits between merges (``merge_freq``);
+            defaults from ``default_sharding`` (the paper's 500 / 1,000, but smaller shards kept apart
+            in retrieve mode on small models).
         irrelevant: unrelated texts for ``x_irr`` (default: sentences of ``corpus``).
         replay: earlier memories' edit prompts replayed per edit with the α ceiling (``L_memo``;
-            default 2 in retrieve mode, 0 in merge mode, where all shards end in one memory anyway).
+            default 2 in retrieve mode with sparse shards, the paper's; 0 in merge mode, where all shards
+            end in one memory anyway, and with dense shards, where it makes the new shard fire on everything).
         rehearse: earlier edits of the open shard trained again (bare prompt and target) per new edit, so
             later edits of a shard do not overwrite earlier ones (lmedit's addition, default 4; 0 is the
             paper's WISE; see the module docstring).
@@ -114,8 +128,8 @@ class WISEHParams(HParams):
     beta: float = 60.0
     gamma: float = 20.0
     act_ratio: float = 0.88
-    shard_size: int = 500
-    merge_every: int = 1000
+    shard_size: int | None = None
+    merge_every: int | None = None
     density: float = 0.53
     context_lengths: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
     n_irrelevant: int = 1
@@ -126,8 +140,11 @@ class WISEHParams(HParams):
     seed: int = 0
 
     def _defaults(self, model: Any) -> dict[str, Any]:
-        return {"layer": model.spec.layer_at(27 / 31), "replay": 2 if self.mode == "retrieve" else 0,
-                "mask_ratio": default_mask_ratio(model.spec.hidden_size, model.spec.mlp_size)}
+        d_model, d_mlp = model.spec.hidden_size, model.spec.mlp_size
+        rho = self.mask_ratio if self.mask_ratio is not None else default_mask_ratio(d_model, d_mlp)
+        shard_size, merge_every = default_sharding(self.mode, d_model, d_mlp, rho)
+        return {"layer": model.spec.layer_at(27 / 31), "replay": 2 if self.mode == "retrieve" and rho < 1.0 else 0,
+                "mask_ratio": rho, "shard_size": shard_size, "merge_every": merge_every}
 
 
 LLAMA2_7B_W_OUT = 4096 * 11008  # entries of the side memory the published mask ratio 0.2 was set on
@@ -137,6 +154,19 @@ def default_mask_ratio(d_model: int, d_mlp: int) -> float:
     """ρ giving a shard the trainable entries the paper's shards have (0.2 of Llama-2-7B's ``W_out``),
     capped at the whole matrix: ``min(1, 0.2 · 4096·11008 / (d_model·d_mlp))`` — 0.2 at 7B, 1.0 below ~1.5B."""
     return min(1.0, 0.2 * LLAMA2_7B_W_OUT / (d_model * d_mlp))
+
+
+def default_sharding(mode: str, d_model: int, d_mlp: int, mask_ratio: float) -> tuple[int, int]:
+    """``(shard_size, merge_every)``. WISE-Merge: the paper's 500 and 1,000 (everything ends in one memory
+    anyway). WISE-Retrieve: a shard holds the paper's edits per trainable entry, 500 per 0.2·4096·11008
+    entries, i.e. ``round(500 · ρ·d·m / (0.2 · 4096·11008))`` (500 at 7B; 49 on SmolLM2-135M, 73 on
+    Gemma-3-270M), and dense shards (ρ = 1) are never merged (``merge_every = shard_size``: each closed
+    shard is its own memory, retrieved by activation), because TIES-merging shards that train the same
+    entries averages them; sparse shards merge every 1,000 edits as in the paper."""
+    if mode != "retrieve":
+        return 500, 1000
+    shard_size = max(1, round(500 * mask_ratio * d_model * d_mlp / (0.2 * LLAMA2_7B_W_OUT)))
+    return shard_size, shard_size if mask_ratio >= 1.0 else 1000
 
 
 class WISE(Method):
@@ -383,5 +413,5 @@ def _check(hp: WISEHParams) -> None:
         raise EditError(f"rehearse must be a count of earlier edits (0 or more), not {hp.rehearse}")
     if hp.replay is not None and hp.replay < 0:
         raise EditError(f"replay must be a count of prompts (0 or more), not {hp.replay}")
-    if hp.shard_size < 1 or hp.merge_every < 1:
+    if hp.shard_size is None or hp.merge_every is None or hp.shard_size < 1 or hp.merge_every < 1:
         raise EditError("shard_size and merge_every must be at least 1")
