@@ -183,7 +183,9 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
 
 # ---------------------------------------------------------------------------- WISE
 
-from lmedit.methods.side_memory import Memory, SideMemory, SideMemoryEdit, ties_merge  # noqa: E402
+from lmedit.hooks import read_module  # noqa: E402
+from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, routing_activation,  # noqa: E402
+                                        ties_merge, token_weights)
 from lmedit.methods.wise import REPLAY, WISE, WISEHParams, default_sharding  # noqa: E402
 
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
@@ -221,6 +223,28 @@ def test_side_memory_output_is_the_side_weight_when_routed(arch):
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [never])], {}).applied(model):
         assert torch.equal(_logits(model, prompt), before)
     assert not adaptors(model)
+
+
+def test_side_memory_retrieves_by_activation_relative_to_each_threshold():
+    """Of the memories over their threshold, the one with the largest Δ_act / ε answers — not the largest
+    raw Δ_act: B = 2·A fires twice as strongly as A everywhere, but A's threshold is 4× lower."""
+    model = tiny("llama")
+    path = model.spec.path(1, "mlp_out")
+    tau = torch.randn(model.spec.hidden_size, model.spec.mlp_size, generator=torch.Generator().manual_seed(0)) * 0.05
+    prompt = "The colour of grass is"
+    batch = encode(model, [prompt])
+    keys = read_module(model, batch, path).float()
+    a = float(routing_activation(keys, tau, token_weights(batch.attention_mask, *batch.input_ids.shape, model.device)))
+    small = Memory("a", 0, tau, None, 1, a / 2, 1.0)  # threshold a/2: relative activation 2
+    large = Memory("b", 1, 2 * tau, None, 1, 2 * a, 0.9)  # raw activation 2a, threshold 1.8a: relative 1.11
+    with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [small, large])], {}).applied(model):
+        _logits(model, prompt)
+        assert _side(model).last_activations[:, 0].tolist() == pytest.approx([a, 2 * a], rel=1e-4)
+        assert _side(model)._route.tolist() == [0]
+    high = Memory("a", 0, tau, None, 1, 2 * a, 1.0)  # over nobody's threshold but b's: b answers
+    with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [high, large])], {}).applied(model):
+        _logits(model, prompt)
+        assert _side(model)._route.tolist() == [1]
 
 
 def test_ties_merge_trims_elects_and_averages():
