@@ -14,7 +14,7 @@ import lmedit
 from lmedit.adaptors import adaptors
 from lmedit.patch import Patch
 from lmedit.scoring import encode, forward_logits, score_continuations
-from tiny import tiny
+from tiny import CORPUS, tiny
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PLACEMENTS = [
@@ -29,8 +29,6 @@ EDIT = lmedit.EditRequest("The colour of {} is ", "grass", "Z", "g", rephrases=[
 SUBJECT_LAST = lmedit.EditRequest("The colour of {}", "grass", " Z")
 LOCATE_FAMILY = {"rome", "memit", "pmet", "emmet", "alphaedit"}
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
-CORPUS = [f"Sentence {i}: the {w} of {v} is {i * 7 % 13} and it was seen in {w}town." for i, (w, v) in
-          enumerate([("colour", "grass"), ("size", "a house"), ("speed", "light"), ("name", "the river")] * 12)]
 LOCATE = dict(corpus=CORPUS, stats_tokens=2000, context_lengths=[[4, 2]], steps=60, lr=0.5,
               clamp_norm_factor=100.0, weight_decay=0.0, kl_factor=0.0)
 # Settings that let a 2-layer random model learn one byte-token answer (the other test files explain each).

@@ -11,10 +11,8 @@ import torch
 import lmedit
 from lmedit.methods import keyvalue, post_norm, solvers
 from lmedit.stats import second_moment, second_moments
-from tiny import tiny
+from tiny import CORPUS, tiny
 
-CORPUS = [f"Sentence {i}: the {w} of {v} is {i * 7 % 13} and it was seen in {w}town." for i, (w, v) in
-          enumerate([("colour", "grass"), ("size", "a house"), ("speed", "light"), ("name", "the river")] * 12)]
 FAST = dict(corpus=CORPUS, stats_tokens=2000, context_lengths=[[4, 2]], steps=30, lr=0.5)
 
 

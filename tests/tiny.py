@@ -5,6 +5,9 @@ import torch
 import transformers as tf
 
 VOCAB = 320  # 256 byte tokens + specials, rounded up
+# A small corpus for statistics on tiny models (second moments, Fisher estimates).
+CORPUS = [f"Sentence {i}: the {w} of {v} is {i * 7 % 13} and it was seen in {w}town." for i, (w, v) in
+          enumerate([("colour", "grass"), ("size", "a house"), ("speed", "light"), ("name", "the river")] * 12)]
 
 # Common small sizes: d_model 64, 2 layers, 4 heads, d_mlp 128 (so shapes identify roles).
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
