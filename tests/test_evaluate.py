@@ -119,7 +119,9 @@ def test_unedited_run_has_perfect_locality_and_writes_outputs(model, tmp_path):
     (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
     assert resummarize(tmp_path / "run").summary["overall"]["locality_tf"] == 1.0
     assert load_report(tmp_path / "run").summary["overall"]["locality_tf"] == 1.0
-    assert "none (unedited)" in markdown_table([loaded])
+    assert "none (unedited) |" in markdown_table([loaded])  # CPU, float32: no placement mark
+    loaded.config["model"].update(device="cuda:0", dtype="torch.bfloat16")
+    assert "none (unedited) [cuda:0, bfloat16] |" in markdown_table([loaded])
 
 
 def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path):

@@ -27,9 +27,18 @@ def load_report(directory: str | Path) -> Any:
     return Report(data["config"], [], data["summary"], Path(directory))
 
 
+def _placement(config: dict[str, Any]) -> str:
+    """`` [cuda:0, bfloat16]`` for runs off the CPU or in another dtype than float32 (their s/edit and
+    scores are not the CPU float32 ones); empty otherwise."""
+    model = config.get("model", {})
+    device, dtype = str(model.get("device", "cpu")), str(model.get("dtype", "torch.float32")).replace("torch.", "")
+    parts = [p for p, default in ((device, "cpu"), (dtype, "float32")) if p != default]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def _rows(report: Any) -> list[tuple[str, dict[str, Any]]]:
     c = report.config
-    label = f"{c['method']} ({c['protocol']}" + (f", {c['scoring']}" if c.get("scoring") else "") + ")"
+    label = f"{c['method']} ({c['protocol']}" + (f", {c['scoring']}" if c.get("scoring") else "") + ")" + _placement(c)
     if "by_T" in report.summary:  # lifelong rows; the mean edit time (over all T edits) on the last one
         rows = [(f"{label} T={t}", dict(m)) for t, m in report.summary["by_T"].items()]
         if rows and c.get("edit_seconds_mean") is not None and "edit_seconds" not in rows[-1][1]:
