@@ -15,6 +15,7 @@ from lmedit.adaptors import adaptors
 from lmedit.patch import Patch
 from lmedit.scoring import encode, forward_logits, score_continuations
 from tiny import CORPUS, tiny
+from tiny import bit_identical as _unchanged, params as _params
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PLACEMENTS = [
@@ -54,14 +55,6 @@ def _placed(arch: str, device: str, dtype: torch.dtype):
     model = tiny(arch)
     model.module.to(device=device, dtype=dtype)
     return model
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
-
-
-def _unchanged(model, saved) -> bool:
-    return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
 
 
 def _target_logprob(model, request=EDIT) -> float:

@@ -17,6 +17,7 @@ from lmedit.requests import EditRequest, Probe, as_requests
 from lmedit.scoring import (FixedPrefix, encode, forward_logits, generate, join, score_continuations, score_prompts,
                             target_logprobs)
 from tiny import CONFIGS, tiny
+from tiny import params as _params
 
 ARCHS = sorted(CONFIGS)
 PROMPTS = ["The capital of France is", "Hi", "A much longer prompt about rivers and"]
@@ -30,10 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
 
 
 def _assert_bit_identical(model, saved: dict[str, torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ from lmedit.methods.grace import Codebook
 from lmedit.patch import Patch
 from lmedit.scoring import encode, forward_logits, score_continuations
 from tiny import tiny
+from tiny import params as _params
 
 # Prompts end in a space so the (byte-level) answer is one token: a one-layer, one-position memory of a
 # 2-layer random model cannot write more (the real-model tests cover multi-token answers).
@@ -124,10 +125,6 @@ def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
 
 
 # ---------------------------------------------------------------------------- fine-tuning baselines
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
-
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_patch_is_low_rank_and_reversible(arch):

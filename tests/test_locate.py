@@ -12,16 +12,9 @@ import lmedit
 from lmedit.methods import keyvalue, post_norm, solvers
 from lmedit.stats import second_moment, second_moments
 from tiny import CORPUS, tiny
+from tiny import params as _params, bit_identical as _bit_identical
 
 FAST = dict(corpus=CORPUS, stats_tokens=2000, context_lengths=[[4, 2]], steps=30, lr=0.5)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
-
-
-def _bit_identical(model, saved):
-    return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
 
 
 # ------------------------------------------------------------------------------------ statistics

@@ -15,6 +15,7 @@ import torch
 import lmedit
 from lmedit.errors import ModelLoadError, PatchError
 from lmedit.scoring import generate, score_continuations
+from tiny import bit_identical as _bit_identical, params as _params
 
 pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +25,6 @@ EIFFEL = lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffe
 @pytest.fixture(scope="module")
 def smol():
     return lmedit.load_model("smollm2-135m")
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
-
-
-def _bit_identical(model, saved):
-    return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
 
 
 def test_smollm2_structure_and_knowledge(smol):

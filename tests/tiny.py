@@ -67,3 +67,13 @@ def tiny(arch: str = "llama", seed: int = 0):
     from lmedit.models import Model
 
     return Model.from_hf(tiny_model(arch, seed), tiny_tokenizer(), name=f"tiny-{arch}")
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter of a ``lmedit.Model``, by name (to check later that nothing changed)."""
+    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
+
+
+def bit_identical(model, saved: dict[str, torch.Tensor]) -> bool:
+    """Whether every parameter equals its copy in ``saved`` bit for bit."""
+    return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
