@@ -118,6 +118,35 @@ def test_emmet_update_is_exact_and_reduces_to_rome():
     torch.testing.assert_close(l1 @ r1, torch.outer(d, u))
 
 
+def test_every_key_readout_writes_delta_at_each_key_and_reduces_to_rome():
+    C, K = _spd(30, seed=1), torch.randn(5, 30, dtype=torch.float64)
+    u = solvers.every_key_readout(C, K, ridge=0.0)
+    torch.testing.assert_close(K @ u, torch.ones(5, dtype=torch.float64))  # ΔW k_j = δ (uᵀk_j) = δ for each j
+    _, rome_u = solvers.rank_one_update(C, K[0], torch.zeros(1), ridge=0.0)
+    torch.testing.assert_close(solvers.every_key_readout(C, K[:1], ridge=0.0), rome_u)
+    # the smallest such u in the C-weighted norm: adding anything orthogonal (in C⁻¹) to the keys costs more
+    N = torch.randn(30, dtype=torch.float64)
+    N = N - K.T @ torch.linalg.solve(K @ K.T, K @ N)  # K N = 0: still uᵀk_j = 1
+    assert u @ C @ u < (u + 0.1 * torch.linalg.solve(C, N)) @ C @ (u + 0.1 * torch.linalg.solve(C, N))
+    relaxed = solvers.every_key_readout(C, K, ridge=0.0, collide=1.0)
+    assert relaxed @ C @ relaxed < u @ C @ u and (K @ relaxed - 1).abs().max() > 0.01
+
+
+def test_prompt_share_weights_the_unprefixed_prompt():
+    model = tiny("llama")
+    requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("{} is red", "Blood", " Y")]
+    prompted = keyvalue.prefixed_prompts(model, requests, ["{}", "A. {}", "B b. {}", "C. {}"])
+    assert prompted.is_bare.tolist() == [True, False, False, False, False] * 2  # the 5th row is the KL prompt
+    uniform = keyvalue._row_weights(prompted, None)
+    shared = keyvalue._row_weights(prompted, 0.5)
+    assert uniform.tolist() == pytest.approx([0.25] * 4 + [0] + [0.25] * 4 + [0])
+    assert shared.tolist() == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6, 0] * 2)
+    only_bare = keyvalue.prefixed_prompts(model, requests, ["{}"])
+    assert keyvalue._row_weights(only_bare, 0.5).tolist() == pytest.approx([1, 0, 1, 0])
+    with pytest.raises(lmedit.LmeditError, match="prompt_share"):
+        lmedit.get_method("rome", prompt_share=1.5).hparams.value_config()
+
+
 def test_alphaedit_update_leaves_corpus_and_earlier_keys_alone():
     n = 30
     values = torch.cat([torch.full((10,), 1e-4), torch.linspace(1, 5, n - 10)]).double()
@@ -178,6 +207,29 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, update_aware, tmp_path, 
         after = lmedit.scoring.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
     assert after > before + 3.0, (before, after)
     assert _bit_identical(model, saved)  # reverted bit for bit
+
+
+def test_rome_every_key_writes_the_same_change_at_each_context(tmp_path, monkeypatch):
+    """``keys="each"``: the rank-one update adds the same δ at every context's key, where ROME's adds it
+    at their mean only; a bad ``keys`` value is a clear error and leaves the model alone."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    request = lmedit.EditRequest("The colour of {}", "grass", " Z")
+    hp = {**FAST, "context_lengths": [[4, 3]], "steps": 3}
+    keys = None
+    for mode in ("mean", "each"):
+        patch = lmedit.edit(model, request, method="rome", layer=0, keys=mode, prompt_share=0.5, **hp)
+        [change] = patch.components
+        if keys is None:
+            templates = keyvalue.context_templates(model, [(4, 3)])
+            keys = keyvalue.compute_keys(model, 0, [request], templates, average=False).double()
+        written = (change.left.double() @ change.right.double() @ keys.T).T  # ΔW k_j, one row per context
+        spread = (written - written.mean(0)).norm(dim=1).max() / written.mean(0).norm()
+        assert (spread < 1e-6) == (mode == "each"), (mode, spread)
+    saved = _params(model)
+    with pytest.raises(lmedit.LmeditError, match="keys must be"):
+        lmedit.edit(model, request, method="rome", layer=0, keys="all", **hp)
+    assert _bit_identical(model, saved)
 
 
 def test_update_aware_values_see_the_rank_one_readout(tmp_path, monkeypatch):

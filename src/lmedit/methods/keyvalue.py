@@ -9,7 +9,8 @@ the output. At the subject's last token:
 * ``δ`` is optimised so that adding it to the layer's value at that position makes the model produce
   the target after every prefixed prompt:
   ``L(δ) = mean_j NLL(target | prefix_j + prompt; v + δ) + kl_factor · KL(P₀ ‖ P_δ)("{subject} is a")
-  + weight_decay · ‖δ‖² / ‖v̄‖²``, with ``‖δ‖ ≤ clamp_norm_factor · ‖v̄‖`` enforced after each Adam step,
+  + weight_decay · ‖δ‖² / ‖v̄‖²`` (``prompt_share`` = s: the prompt's own, unprefixed row weighs s and the
+  prefixed ones share 1 − s, instead of the uniform mean), with ``‖δ‖ ≤ clamp_norm_factor · ‖v̄‖`` enforced after each Adam step,
   stopping once the target's mean probability passes ``stop_prob``. Only ``δ`` has a gradient; the
   blocks below the layer run once (``ReplayBelow``); logits are computed only at the positions read.
 """
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lmedit.errors import EditError
 from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams
 from lmedit.models.spec import get_module
@@ -81,17 +83,18 @@ class Prompted:
     positions: torch.Tensor  # [B] absolute positions in the padded rows
     owner: torch.Tensor  # [B] request index
     is_kl: torch.Tensor  # [B] rows of the KL prompt "{subject} is a"
+    is_bare: torch.Tensor  # [B] rows of the request's own prompt (template "{}", no context prefix)
 
 
 def prefixed_prompts(model: Any, requests: Sequence[EditRequest], templates: Sequence[str],
                      with_targets: bool = True, kl: bool = True) -> Prompted:
     """Every request's prompt under every context template (plus its KL prompt), batched."""
-    prompts, targets, positions, owner, is_kl = [], [], [], [], []
+    prompts, targets, positions, owner, is_kl, is_bare = [], [], [], [], [], []
     for r_index, r in enumerate(requests):
         rows = [(t.replace("{}", r.template), False) for t in templates]
         if kl:
             rows.append((KL_TEMPLATE, True))
-        for template, kl_row in rows:
+        for (template, kl_row), bare in zip(rows, [t == "{}" for t in templates] + [False]):
             before = template.index("{}")
             prompt = template.replace("{}", r.subject, 1)
             prompts.append(prompt)
@@ -99,12 +102,14 @@ def prefixed_prompts(model: Any, requests: Sequence[EditRequest], templates: Seq
             positions.append(subject_last_token(model, prompt, before + len(r.subject)))
             owner.append(r_index)
             is_kl.append(kl_row)
+            is_bare.append(bare)
     batch = _encode_mixed(model, prompts, targets)
     width = batch.input_ids.shape[1]
     pads = [width - p - t for p, t in zip(batch.prompt_lengths, batch.target_lengths)]
     device = model.device
     return Prompted(batch, torch.tensor([pad + pos for pad, pos in zip(pads, positions)], device=device),
-                    torch.tensor(owner, device=device), torch.tensor(is_kl, device=device))
+                    torch.tensor(owner, device=device), torch.tensor(is_kl, device=device),
+                    torch.tensor(is_bare, device=device))
 
 
 def _encode_mixed(model: Any, prompts: list[str], targets: list[str | None]) -> Batch:
@@ -135,27 +140,47 @@ def _encode_mixed(model: Any, prompts: list[str], targets: list[str | None]) -> 
 
 @torch.no_grad()
 def read_at_subject(model: Any, path: str, where: str, requests: Sequence[EditRequest],
-                    templates: Sequence[str]) -> torch.Tensor:
+                    templates: Sequence[str], average: bool = True) -> torch.Tensor:
     """The input or output of module ``path`` at each request's subject's last token, averaged over the
-    context templates: ``[R, d]`` float32. The forward pass stops at ``path``; requests run in groups of
-    ``READ_GROUP`` to bound memory."""
+    context templates: ``[R, d]`` float32 (``average=False``: one row per request and template, request-major,
+    ``[R·T, d]``). The forward pass stops at ``path``; requests run in groups of ``READ_GROUP`` to bound memory."""
     if len(requests) > READ_GROUP:
-        return torch.cat([read_at_subject(model, path, where, requests[i:i + READ_GROUP], templates)
+        return torch.cat([read_at_subject(model, path, where, requests[i:i + READ_GROUP], templates, average)
                           for i in range(0, len(requests), READ_GROUP)])
     prompted = prefixed_prompts(model, requests, templates, with_targets=False, kl=False)
     rows = read_module(model, prompted.batch, path, where)[torch.arange(len(prompted.positions)),  # type: ignore[arg-type]
                                                           prompted.positions].float()
-    return _mean_by_owner(rows, prompted.owner, len(requests))
+    return _mean_by_owner(rows, prompted.owner, len(requests)) if average else rows
 
 
-def compute_keys(model: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str]) -> torch.Tensor:
-    """``k*`` per request: the mean key of ``W_out`` at ``layer`` at the subject's last token, ``[R, d_mlp]``."""
-    return read_at_subject(model, model.spec.path(layer, "mlp_out"), "input", requests, templates)
+def compute_keys(model: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str],
+                 average: bool = True) -> torch.Tensor:
+    """``k*`` per request: the mean key of ``W_out`` at ``layer`` at the subject's last token, ``[R, d_mlp]``
+    (``average=False``: every template's key, ``[R·T, d_mlp]``)."""
+    return read_at_subject(model, model.spec.path(layer, "mlp_out"), "input", requests, templates, average)
+
+
+def _sum_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros((n, rows.shape[1]), dtype=rows.dtype, device=rows.device).index_add_(0, owner, rows)
 
 
 def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    total = torch.zeros((n, rows.shape[1]), dtype=rows.dtype, device=rows.device).index_add_(0, owner, rows)
-    return total / torch.bincount(owner, minlength=n).clamp(min=1)[:, None].to(rows.dtype)
+    return _sum_by_owner(rows, owner, n) / torch.bincount(owner, minlength=n).clamp(min=1)[:, None].to(rows.dtype)
+
+
+def _row_weights(prompted: Prompted, share: float | None) -> torch.Tensor:
+    """Each target row's weight in its request's NLL (summing to 1 per request; KL rows get 0): uniform,
+    or ``share`` for the unprefixed row and ``1 − share`` spread over the prefixed ones (when there are any)."""
+    targets = (~prompted.is_kl).float()
+    n_rows = _sum_by_owner(targets[:, None], prompted.owner, int(prompted.owner.max()) + 1)[prompted.owner, 0]
+    uniform = targets / n_rows
+    if share is None:
+        return uniform
+    bare = prompted.is_bare.float()
+    n_bare = _sum_by_owner(bare[:, None], prompted.owner, int(prompted.owner.max()) + 1)[prompted.owner, 0]
+    n_ctx = n_rows - n_bare
+    split = torch.where(prompted.is_bare, share / n_bare.clamp(min=1), (1 - share) * targets / n_ctx.clamp(min=1))
+    return torch.where((n_bare > 0) & (n_ctx > 0), split, uniform)
 
 
 @dataclass
@@ -173,6 +198,7 @@ class ValueConfig:
     stop_prob: float
     group: int
     cache: bool
+    prompt_share: float | None = None
 
 
 @dataclass
@@ -182,6 +208,8 @@ class LocateHParams(HParams):
 
     Attributes:
         lr, steps, kl_factor, weight_decay, clamp_norm_factor, stop_prob: the v* optimisation (``ValueConfig``).
+        prompt_share: weight of the request's own prompt (no context prefix) in the NLL, the prefixed
+            prompts sharing the rest; ``None``: the uniform mean over all of them (published).
         context_lengths: (tokens, count) of model-written context prefixes (``context_templates``).
         stats_tokens, corpus: the second-moment statistics (see ``lmedit.stats``).
         ridge: conditioning guard of the solves (relative to the mean eigenvalue of ``C``; see ``solvers``).
@@ -193,14 +221,17 @@ class LocateHParams(HParams):
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     stop_prob: float = 0.95
+    prompt_share: float | None = None
     context_lengths: tuple = ((5, 10), (10, 10))
     stats_tokens: int = 100_000
     corpus: str | None = None
     ridge: float = 1e-4
 
     def value_config(self, group: int = 8, cache: bool = False) -> ValueConfig:
+        if self.prompt_share is not None and not 0 < self.prompt_share < 1:
+            raise EditError(f"prompt_share must be in (0, 1) or None, not {self.prompt_share}")
         return ValueConfig(self.lr, self.steps, self.kl_factor, self.weight_decay, self.clamp_norm_factor,
-                           self.stop_prob, group, cache)
+                           self.stop_prob, group, cache, self.prompt_share)
 
 
 def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -277,7 +308,8 @@ class ValueStore:
             h.update(flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
         h.update(repr(sorted(model.cache.get("adaptors", {}))).encode())
         h.update(json.dumps([layer, list(templates), list(sites), getattr(model, "doc_start", None),
-                             {k: v for k, v in vars(cfg).items() if k not in ("group", "cache")}]).encode())
+                             {k: v for k, v in vars(cfg).items()  # (an unset prompt_share keeps older keys)
+                              if k not in ("group", "cache") and not (k == "prompt_share" and v is None)}]).encode())
         self.state = h.hexdigest()[:20]
         self.folder = cache_dir() / "values" / self.state
 
@@ -324,6 +356,7 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
     tmask = batch.target_mask[:, -n_t:]
     kl_rows = prompted.is_kl
     kl_cols = prompted.positions[kl_rows] - (width - keep)
+    weights = _row_weights(prompted, cfg.prompt_share)[target_rows, None]  # sum to 1 per request
     values: dict[int, torch.Tensor] = {}
     info: dict[str, Any] = {}
     cut = int(prompted.positions.min())  # nothing before the earliest subject position changes
@@ -349,8 +382,8 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
             logp = torch.log_softmax(logits[:, -n_t - 1:-1], dim=-1)
             token_lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * tmask
             mean_lp = token_lp.sum(1) / tmask.sum(1).clamp(min=1)  # per row
-            nll = -_mean_by_owner(mean_lp[target_rows, None], prompted.owner[target_rows], n_req)[:, 0]
-            prob = _mean_by_owner(mean_lp[target_rows, None].exp(), prompted.owner[target_rows], n_req)[:, 0]
+            nll = -_sum_by_owner(weights * mean_lp[target_rows, None], prompted.owner[target_rows], n_req)[:, 0]
+            prob = _sum_by_owner(weights * mean_lp[target_rows, None].exp(), prompted.owner[target_rows], n_req)[:, 0]
             kl_logp = torch.log_softmax(logits[kl_rows, kl_cols], dim=-1)
             if kl_init is None:
                 kl_init = kl_logp.detach()

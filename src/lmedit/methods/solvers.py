@@ -37,6 +37,17 @@ def rank_one_update(C: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, rid
     return delta.to(torch.float64), u
 
 
+def every_key_readout(C: torch.Tensor, K: torch.Tensor, ridge: float = 1e-4, collide: float = 0.0) -> torch.Tensor:
+    """The ``u`` of the smallest change ``ΔW`` (``C``-weighted norm) with ``ΔW kⱼ = δ`` for *every* row
+    ``kⱼ`` of ``K`` at once: ``u = C⁻¹Kᵀ (K C⁻¹ Kᵀ + μI)⁻¹ 1``, so ``uᵀkⱼ = 1`` for each j (μ = 0) and
+    ``ΔW = δ uᵀ`` is still rank one. It is EMMET's update with one constraint per row, all with the
+    same value; with a single row it is ROME's ``C⁻¹k / (kᵀC⁻¹k)``.
+    """
+    ones = torch.ones((K.shape[0], 1), dtype=torch.float64, device=K.device)
+    _, right = emmet_update(C, K, ones, ridge, collide)
+    return right.sum(0)
+
+
 # Batch solvers. Keys are the rows of ``K`` ([n, d_mlp]); the wanted output changes the rows of
 # ``R`` ([n, d_model]). Each returns ``(left [d_model, n], right [n, d_mlp])`` with ``ΔW = left @ right``
 # (at most rank n: patches store the factors).
