@@ -189,6 +189,26 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
 
 
+def test_resume_refuses_other_settings(model, tmp_path, caplog):
+    """A run directory is one experiment: resuming with another hyper-parameter or dataset is refused
+    (before anything is edited or written), a larger ``n`` extends it, another dtype only warns."""
+    reqs = _requests(model, 3)
+    out = tmp_path / "run"
+    evaluate(model, FTM(**STRONG), reqs[:2], out_dir=out, progress=False)
+    recorded = (out / "cases.jsonl").read_text()
+    with pytest.raises(EvalError, match=r"hparams\.lr: 0\.01 -> 0\.05"):
+        evaluate(model, FTM(**{**STRONG, "lr": 0.05}), reqs, out_dir=out, resume=True, progress=False)
+    assert (out / "cases.jsonl").read_text() == recorded
+    report = evaluate(model, FTM(**STRONG), reqs, out_dir=out, resume=True, progress=False)
+    assert report.summary["overall"]["cases"] == 3
+    settings = json.loads((out / "run.json").read_text())
+    settings["model"]["dtype"] = "torch.bfloat16"
+    (out / "run.json").write_text(json.dumps(settings))
+    with caplog.at_level("WARNING"):
+        evaluate(model, FTM(**STRONG), reqs, out_dir=out, resume=True, progress=False)
+    assert "another placement" in caplog.text
+
+
 def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):
     from lmedit.evaluate import runner
 

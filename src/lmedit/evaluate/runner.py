@@ -16,7 +16,8 @@ summary's ``edit_failed`` is the failure rate and the other means count a declin
 it is.
 
 Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
-(sequential runs also checkpoint their accumulated edit in ``out_dir/state``). ``summary.json`` and
+(sequential runs also checkpoint their accumulated edit in ``out_dir/state``) under the settings recorded
+in ``out_dir/run.json`` when it started, or not at all (``_same_settings``). ``summary.json`` and
 ``summary.md`` hold the means and everything needed to reproduce the run.
 """
 from __future__ import annotations
@@ -192,6 +193,8 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         "generation_metrics": generation, "fluency_metrics": fluency,
         "lmedit_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
     }
+    if out is not None:
+        _same_settings(out, config, resume)
     start = time.perf_counter()
     cases = list(getattr(dataset, "cases", None) or [])[:n] if dataset is not None else []
     if cases:
@@ -229,6 +232,48 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         bar.close()
     return _finish(run, config, start, edit_seconds,
                    by_t=protocol == "sequential" and scoring == "after_all" and editor is not None)
+
+
+# What a resumed run must share with the part before it (hyper-parameters: those both parts know), and
+# what may differ but is worth a warning (a run continued on another machine).
+SAME_SETTINGS = ("protocol", "scoring", "batch_size", "seed", "method", "model.name", "model.fingerprint",
+                 "model.chat", "model.doc_start_token", "dataset.sha256", "generation_metrics", "fluency_metrics")
+WARN_SETTINGS = ("model.device", "model.dtype", "lmedit_version", "torch")
+
+
+def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
+    """Record the run's settings in ``out/run.json``; on resume, refuse to continue under other ones.
+
+    A run is one table row: continuing it with another learning rate, model or dataset file would mix two
+    experiments under one name. ``n`` may grow (extending a run); the device, dtype and library versions
+    may change with a warning (``runs/README.md`` records such mixed runs).
+    """
+    path = out / "run.json"
+    if resume and path.exists():
+        earlier = json.loads(path.read_text())
+
+        def get(c: dict[str, Any], dotted: str) -> Any:
+            for part in dotted.split("."):
+                c = c.get(part) if isinstance(c, dict) else None
+            return c
+
+        def text(value: Any) -> str:
+            return json.dumps(value, sort_keys=True, default=str)
+
+        changed = [f"{k}: {get(earlier, k)!r} -> {get(config, k)!r}" for k in SAME_SETTINGS
+                   if text(get(earlier, k)) != text(get(config, k))]
+        hp_old, hp_new = earlier.get("hparams", {}), config.get("hparams", {})
+        changed += [f"hparams.{k}: {hp_old[k]!r} -> {hp_new[k]!r}" for k in sorted(set(hp_old) & set(hp_new))
+                    if text(hp_old[k]) != text(hp_new[k])]
+        if changed:
+            raise EvalError(f"{out} was run with other settings; resuming would mix two experiments "
+                            f"({'; '.join(changed)}). Use another output directory.")
+        moved = [f"{k} {get(earlier, k)} -> {get(config, k)}" for k in WARN_SETTINGS
+                 if text(get(earlier, k)) != text(get(config, k))]
+        if moved:
+            log.warning("%s: resuming on another placement or version (%s)", out, "; ".join(moved))
+        return
+    path.write_text(json.dumps(config, indent=2, default=str))
 
 
 def _finish(run: _Run, config: dict[str, Any], start: float, edit_seconds: list[float], by_t: bool) -> Report:
