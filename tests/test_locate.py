@@ -128,6 +128,8 @@ def test_every_key_readout_writes_delta_at_each_key_and_reduces_to_rome():
     N = torch.randn(30, dtype=torch.float64)
     N = N - K.T @ torch.linalg.solve(K @ K.T, K @ N)  # K N = 0: still uᵀk_j = 1
     assert u @ C @ u < (u + 0.1 * torch.linalg.solve(C, N)) @ C @ (u + 0.1 * torch.linalg.solve(C, N))
+    twice = solvers.every_key_readout(C, torch.cat([K, K[:2]]), ridge=0.0)  # two contexts with the same key
+    torch.testing.assert_close(twice, u)
     relaxed = solvers.every_key_readout(C, K, ridge=0.0, collide=1.0)
     assert relaxed @ C @ relaxed < u @ C @ u and (K @ relaxed - 1).abs().max() > 0.01
 

@@ -41,10 +41,12 @@ def every_key_readout(C: torch.Tensor, K: torch.Tensor, ridge: float = 1e-4, col
     """The ``u`` of the smallest change ``ΔW`` (``C``-weighted norm) with ``ΔW kⱼ = δ`` for *every* row
     ``kⱼ`` of ``K`` at once: ``u = C⁻¹Kᵀ (K C⁻¹ Kᵀ + μI)⁻¹ 1``, so ``uᵀkⱼ = 1`` for each j (μ = 0) and
     ``ΔW = δ uᵀ`` is still rank one. It is EMMET's update with one constraint per row, all with the
-    same value; with a single row it is ROME's ``C⁻¹k / (kᵀC⁻¹k)``.
+    same value; with a single row it is ROME's ``C⁻¹k / (kᵀC⁻¹k)``. Repeated keys (two contexts that give
+    the same key) make the constraints dependent but consistent: a relative μ of at least 1e-10 keeps the
+    solve defined without moving the result measurably.
     """
     ones = torch.ones((K.shape[0], 1), dtype=torch.float64, device=K.device)
-    _, right = emmet_update(C, K, ones, ridge, collide)
+    _, right = emmet_update(C, K, ones, ridge, max(collide, 1e-10))
     return right.sum(0)
 
 
