@@ -9,9 +9,10 @@ the output. At the subject's last token:
 * ``δ`` is optimised so that adding it to the layer's value at that position makes the model produce
   the target after every prefixed prompt:
   ``L(δ) = mean_j NLL(target | prefix_j + prompt; v + δ) + kl_factor · KL(P₀ ‖ P_δ)("{subject} is a")
-  + weight_decay · ‖δ‖² / ‖v̄‖²`` (``prompt_share`` = s: the prompt's own, unprefixed row weighs s and the
-  prefixed ones share 1 − s, instead of the uniform mean), with ``‖δ‖ ≤ clamp_norm_factor · ‖v̄‖`` enforced after each Adam step,
-  stopping once the target's mean probability passes ``stop_prob``. Only ``δ`` has a gradient; the
+  + weight_decay · ‖δ‖² / ‖v̄‖²`` (with ``prompt_share`` = s the prompt's own, unprefixed row weighs s and
+  the prefixed ones share 1 − s instead of the uniform mean), with ``‖δ‖ ≤ clamp_norm_factor · ‖v̄‖``
+  enforced after each Adam step, stopping once the target's mean probability (weighted like the NLL)
+  passes ``stop_prob``. Only ``δ`` has a gradient; the
   blocks below the layer run once (``ReplayBelow``); logits are computed only at the positions read.
 """
 from __future__ import annotations
