@@ -229,8 +229,9 @@ def test_rome_every_key_writes_the_same_change_at_each_context(tmp_path, monkeyp
         spread = (written - written.mean(0)).norm(dim=1).max() / written.mean(0).norm()
         assert (spread < 1e-6) == (mode == "each"), (mode, spread)
     saved = _params(model)
-    with pytest.raises(lmedit.LmeditError, match="keys must be"):
-        lmedit.edit(model, request, method="rome", layer=0, keys="all", **hp)
+    for method in ("rome", "memit"):
+        with pytest.raises(lmedit.LmeditError, match="keys must be"):
+            lmedit.edit(model, request, method=method, keys="all", **hp)
     assert _bit_identical(model, saved)
 
 
@@ -253,8 +254,9 @@ def test_update_aware_values_see_the_rank_one_readout(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["memit", "pmet", "emmet", "alphaedit"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_memit_family_edits_are_reversible(method, arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch,keys", [("llama", "mean"), ("gpt2", "mean"), ("llama", "each"), ("gpt2", "each")])
+def test_memit_family_edits_are_reversible(method, arch, keys, tmp_path, monkeypatch):
+    """With ``keys="each"`` every (request, context) pair is a row of the layer solves: rank ≤ 2 × 3 here."""
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     model = tiny(arch)
     requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
@@ -262,11 +264,12 @@ def test_memit_family_edits_are_reversible(method, arch, tmp_path, monkeypatch):
                                                                         [r.target_new for r in requests])]
     saved = _params(model)
     extra = {"nullspace_threshold": 1e9, "l2": 1e-2} if method == "alphaedit" else {}  # random keys: no null space
-    patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0, **extra,
+    patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0, keys=keys, **extra,
                         **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
     assert _bit_identical(model, saved)
     weights = [c for c in patch.components if isinstance(c, lmedit.patch.WeightDelta)]
-    assert len(weights) == 2 and all(c.left.shape[1] == 2 or c.right.shape[0] == 2 for c in weights)  # rank ≤ 2
+    rank = 2 * (3 if keys == "each" else 1)  # FAST: the bare prompt and 2 prefixes
+    assert len(weights) == 2 and all(min(c.left.shape[1], c.right.shape[0]) == rank for c in weights)
     residuals = patch.info["residual_norms"]
     assert residuals[-1] < residuals[0]  # the updates realise part of the wanted change
     with patch.applied(model):
@@ -316,13 +319,14 @@ def test_residual_written_through_a_post_mlp_norm_reaches_the_stream():
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet", "pmet"])
-def test_memit_family_writes_through_gemma_post_mlp_norms(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("keys", ["mean", "each"])
+def test_memit_family_writes_through_gemma_post_mlp_norms(method, keys, tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     model = _gemma_like_post_norm(tiny("gemma3"))
     requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
     before = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
                                                                         [r.target_new for r in requests])]
-    patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0,
+    patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0, keys=keys,
                         **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
     with patch.applied(model):
         after = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
