@@ -28,7 +28,9 @@ writes ``ΔW kⱼ = δ`` at every context's key (the smallest such change is sti
 ``u = C⁻¹Kᵀ(KC⁻¹Kᵀ)⁻¹1``, ``solvers.every_key_readout``) and gives the bare prompt half of the NLL (the
 prefixed ones share the other half). First 50 CounterFact cases on SmolLM2
 (``runs/smollm2-135m-counterfact-rome{-meankey,}-single-50``): Rel.(tf) 0.93 → 1.00, Rel.(gen) 0.90 →
-0.96, efficacy 0.98 → 1.00, paraphrase 0.84 → 0.88, neighbourhood 0.70 → 0.70, same v* steps.
+0.96, efficacy 0.98 → 1.00, paraphrase 0.84 → 0.88, neighbourhood 0.70 → 0.70, same v* steps; first 20
+ZsRE cases (``…-zsre-rome{-meankey,}-single-20``): Rel.(tf) 0.71 → 0.90, Gen.(tf) 0.54 → 0.64, Loc.(tf)
+0.98 → 0.96.
 ``keys="mean", prompt_share=None`` is the previous default; with ``update_aware=False`` too, the published
 method.
 
