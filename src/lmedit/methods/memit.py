@@ -97,7 +97,7 @@ class MEMITHParams(LocateHParams):
     mom2_weight: float | None = None
     value_group: int = 8
     value_cache: bool = True
-    keys: str = "mean"  # "each": one least-squares row per context, weighted 1/contexts (module docstring)
+    keys: str = "mean"  # "each": one least-squares row per context, weighted 1/contexts (see above)
 
     def _defaults(self, model: Any) -> dict[str, Any]:
         first, last = model.spec.layer_at(4 / 31), model.spec.layer_at(8 / 31)
