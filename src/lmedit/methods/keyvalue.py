@@ -172,13 +172,17 @@ def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Ten
 def _row_weights(prompted: Prompted, share: float | None) -> torch.Tensor:
     """Each target row's weight in its request's NLL (summing to 1 per request; KL rows get 0): uniform,
     or ``share`` for the unprefixed row and ``1 − share`` spread over the prefixed ones (when there are any)."""
+    n_req = int(prompted.owner.max()) + 1
+
+    def per_request(mask: torch.Tensor) -> torch.Tensor:  # each row: how many rows of its request are in mask
+        return _sum_by_owner(mask[:, None], prompted.owner, n_req)[prompted.owner, 0]
+
     targets = (~prompted.is_kl).float()
-    n_rows = _sum_by_owner(targets[:, None], prompted.owner, int(prompted.owner.max()) + 1)[prompted.owner, 0]
+    n_rows = per_request(targets)
     uniform = targets / n_rows
     if share is None:
         return uniform
-    bare = prompted.is_bare.float()
-    n_bare = _sum_by_owner(bare[:, None], prompted.owner, int(prompted.owner.max()) + 1)[prompted.owner, 0]
+    n_bare = per_request(prompted.is_bare.float())
     n_ctx = n_rows - n_bare
     split = torch.where(prompted.is_bare, share / n_bare.clamp(min=1), (1 - share) * targets / n_ctx.clamp(min=1))
     return torch.where((n_bare > 0) & (n_ctx > 0), split, uniform)
