@@ -210,9 +210,9 @@ def test_resume_refuses_other_settings(model, tmp_path, caplog):
 
 
 def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):
-    from lmedit.evaluate import runner
+    from lmedit.evaluate import sequential
 
-    monkeypatch.setattr(runner, "CHECKPOINT_SECONDS", 0.0)  # every edit call is "long"
+    monkeypatch.setattr(sequential, "CHECKPOINT_SECONDS", 0.0)  # every edit call is "long"
     reqs = _requests(model, 4)
 
     Dies = dies_on_third_call()

@@ -28,3 +28,7 @@ class EditError(LmeditError):
 
 class DataError(LmeditError, ValueError):
     """A dataset file or record is malformed (the message names the file, record index and field)."""
+
+
+class EvalError(LmeditError):
+    """An evaluation run was misconfigured (bad protocol, existing results without resume …)."""

@@ -16,7 +16,7 @@ summary's ``edit_failed`` is the failure rate and the other means count a declin
 it is.
 
 Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
-(sequential runs also checkpoint their accumulated edit in ``out_dir/state``) under the settings recorded
+(sequential runs also checkpoint their accumulated edit in ``out_dir/state``: ``lmedit.evaluate.sequential``) under the settings recorded
 in ``out_dir/run.json`` when it started, or not at all (``_same_settings``). ``summary.json`` and
 ``summary.md`` hold the means and everything needed to reproduce the run.
 """
@@ -36,23 +36,17 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from lmedit.errors import EditError, LmeditError
+from lmedit.errors import EditError, EvalError
 from lmedit.evaluate.multihop import multihop_record
 from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_items
+from lmedit.evaluate.sequential import chunks, run_sequential
 from lmedit.models.bundled import cache_dir
-from lmedit.adaptors import adaptors
-from lmedit.adaptors import restore as restore_adaptors
-from lmedit.adaptors import snapshot as snapshot_adaptors
-from lmedit.patch import EditedKeys, Patch, WeightDelta, edited_keys
+from lmedit.patch import Patch
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("single", "batch", "sequential")
 SCORINGS = ("after_each", "after_all")
-
-
-class EvalError(LmeditError):
-    """An evaluation run was misconfigured (bad protocol, existing results without resume …)."""
 
 
 @dataclass
@@ -111,10 +105,6 @@ class _Run:
             with open(self.out_dir / "cases.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-
-CHECKPOINT_SECONDS = 300.0
-"""Sequential runs checkpoint their edit state at every scoring mark, every 10 edit calls, and whenever
-this long has passed since the last checkpoint (a batch of 100 MEMIT edits takes minutes)."""
 
 DIAGNOSTICS = ("v_prob", "v_steps", "timing")
 """Entries of a patch's ``info`` copied into each case record (prefixed ``edit_``): the target
@@ -217,7 +207,7 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                 bar.update(len(chunk))
         elif protocol in ("single", "batch"):
             size = 1 if protocol == "single" else batch_size
-            for chunk in _chunks(range(len(requests)), size):
+            for chunk in chunks(range(len(requests)), size):
                 if all((ids[i], None) in run.done for i in chunk):
                     bar.update(len(chunk))
                     continue
@@ -227,7 +217,8 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                     run.score(chunk, baseline, {"edit_seconds": seconds}, edit_diagnostics(patch, len(chunk)))
                 bar.update(len(chunk))
         else:
-            edit_seconds = _sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)), bar)
+            edit_seconds = run_sequential(run, editor, ids, baseline, batch_size, scoring, sorted(set(checkpoints)),
+                                          bar)
     finally:
         bar.close()
     return _finish(run, config, start, edit_seconds,
@@ -285,82 +276,6 @@ def _finish(run: _Run, config: dict[str, Any], start: float, edit_seconds: list[
     return report
 
 
-def _sequential(run: _Run, editor: Any, ids: list[str], baseline: Any, batch_size: int, scoring: str,
-                checkpoints: list[int], bar: Any) -> list[float]:
-    """Accumulate edits; score after each or at checkpoints; checkpoint the edit state for resume."""
-    model, requests, out = run.model, run.requests, run.out_dir
-    total = len(requests)
-    marks = [t for t in checkpoints if t < total] + [total]
-    chunks = _chunks(range(total), batch_size)
-    state_dir = out / "state" if out is not None else None
-    originals: dict[str, torch.Tensor] = {}
-    keys_before = list(model.cache.get("edited_keys", []))  # restored at the end, like the weights
-    adaptors_before = snapshot_adaptors(model)
-    done_chunks = 0
-    if state_dir is not None and (state_dir / "progress.json").exists():
-        progress = json.loads((state_dir / "progress.json").read_text())
-        done_chunks = progress["chunks_done"]
-        run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
-        saved = Patch.load(state_dir / "patch")
-        _remember(model, saved, originals)
-        saved.apply(model).commit()
-        bar.update(min(total, done_chunks * batch_size))
-    edit_seconds: list[float] = []
-    last_checkpoint = time.perf_counter()
-    try:
-        for c, chunk in enumerate(chunks):
-            if c < done_chunks:
-                continue
-            patch, seconds = run.try_edit(editor, chunk)
-            edit_seconds += [seconds] * len(chunk)
-            if patch is not None:  # a declined edit leaves the accumulated model as it was
-                _remember(model, patch, originals)
-                patch.apply(model).commit()
-            edited = chunk[-1] + 1
-            if scoring == "after_each":
-                run.score(chunk, baseline, {"T": edited, "edit_seconds": seconds})
-            elif edited in marks:
-                todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
-                run.score(todo, baseline, {"T": edited})
-            bar.update(len(chunk))
-            if state_dir is not None and (edited in marks or c % 10 == 9
-                                          or time.perf_counter() - last_checkpoint > CHECKPOINT_SECONDS):
-                _checkpoint(model, originals, state_dir, c + 1, editor.name, run.failed)
-                last_checkpoint = time.perf_counter()
-    finally:
-        with torch.no_grad():
-            for name, original in originals.items():
-                model.parameter(name).copy_(original)
-        model.cache["edited_keys"] = keys_before
-        restore_adaptors(model, adaptors_before)
-    return edit_seconds
-
-
-def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> None:
-    """Snapshot (once) every parameter a patch will change, so the run can restore the model."""
-    for component in patch.components:
-        if component.memory:
-            continue  # no weight: recorded keys or adaptor entries (see _checkpoint)
-        if not isinstance(component, WeightDelta):
-            raise EvalError(f"sequential runs support weight patches only (got {type(component).__name__})")
-        if component.param not in originals:
-            originals[component.param] = model.parameter(component.param).detach().clone()
-
-
-def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str,
-                failed: dict[int, str]) -> None:
-    """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark."""
-    deltas: list[Any] = [WeightDelta(name, (model.parameter(name).detach().float() - original.float()).cpu())
-                         for name, original in originals.items()]
-    params = dict.fromkeys(c.param for c in model.cache.get("edited_keys", []))
-    deltas += [EditedKeys(param, edited_keys(model, param)) for param in params]  # type: ignore[arg-type]
-    deltas += [adaptor.as_component() for adaptor in adaptors(model).values()]
-    Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(state_dir / "patch")
-    tmp = state_dir / "progress.json.tmp"
-    tmp.write_text(json.dumps({"chunks_done": chunks_done, "failed": failed}))
-    tmp.replace(state_dir / "progress.json")
-
-
 def summarize(records: Sequence[dict[str, Any]], by_t: bool = False) -> dict[str, Any]:
     """Means of every numeric metric over cases (perplexities: geometric means); with ``by_t`` (sequential ``after_all``) also per ``T``.
 
@@ -396,12 +311,6 @@ def _requests(data: Any, n: int | None) -> tuple[Any, list[EditRequest]]:
 
     requests = as_requests(data)
     return None, requests[:n] if n else requests
-
-
-def _chunks(indices: Iterable[int], size: int) -> list[list[int]]:
-    items = list(indices)
-    size = max(1, size)
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _peak_memory_mb(model: Any) -> float:

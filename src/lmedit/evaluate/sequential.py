@@ -1,0 +1,115 @@
+"""The sequential (lifelong) protocol: edits accumulate on one model, scored after each edit call or at
+checkpoints ``T``; the accumulated edit is checkpointed in ``out_dir/state`` so a killed run resumes.
+
+The checkpoint is one ``Patch`` of ``W_now − W_original`` deltas for every weight any edit changed, the
+keys recorded by methods that preserve earlier edits (AlphaEdit) and the adaptors' memories (GRACE's
+codebook, WISE's side memories, DEFER's gate), with ``progress.json`` naming how many edit calls it holds.
+Whatever happens, the model leaves ``run_sequential`` exactly as it came in.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from lmedit.adaptors import adaptors
+from lmedit.adaptors import restore as restore_adaptors
+from lmedit.adaptors import snapshot as snapshot_adaptors
+from lmedit.errors import EvalError
+from lmedit.patch import EditedKeys, Patch, WeightDelta, edited_keys
+
+if TYPE_CHECKING:
+    from lmedit.evaluate.runner import _Run
+
+CHECKPOINT_SECONDS = 300.0
+"""Sequential runs checkpoint their edit state at every scoring mark, every 10 edit calls, and whenever
+this long has passed since the last checkpoint (a batch of 100 MEMIT edits takes minutes)."""
+
+
+def chunks(indices: Iterable[int], size: int) -> list[list[int]]:
+    """``indices`` in consecutive groups of ``size`` (the last may be shorter): one edit call each."""
+    items = list(indices)
+    size = max(1, size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batch_size: int, scoring: str,
+                   checkpoints: list[int], bar: Any) -> list[float]:
+    """Accumulate edits; score after each or at the checkpoints; checkpoint the edit state for resume.
+    Returns the wall time per edited case of this part of the run."""
+    model, requests, out = run.model, run.requests, run.out_dir
+    total = len(requests)
+    marks = [t for t in checkpoints if t < total] + [total]
+    calls = chunks(range(total), batch_size)
+    state_dir = out / "state" if out is not None else None
+    originals: dict[str, torch.Tensor] = {}
+    keys_before = list(model.cache.get("edited_keys", []))  # restored at the end, like the weights
+    adaptors_before = snapshot_adaptors(model)
+    done_chunks = 0
+    if state_dir is not None and (state_dir / "progress.json").exists():
+        progress = json.loads((state_dir / "progress.json").read_text())
+        done_chunks = progress["chunks_done"]
+        run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
+        saved = Patch.load(state_dir / "patch")
+        _remember(model, saved, originals)
+        saved.apply(model).commit()
+        bar.update(min(total, done_chunks * batch_size))
+    edit_seconds: list[float] = []
+    last_checkpoint = time.perf_counter()
+    try:
+        for c, chunk in enumerate(calls):
+            if c < done_chunks:
+                continue
+            patch, seconds = run.try_edit(editor, chunk)
+            edit_seconds += [seconds] * len(chunk)
+            if patch is not None:  # a declined edit leaves the accumulated model as it was
+                _remember(model, patch, originals)
+                patch.apply(model).commit()
+            edited = chunk[-1] + 1
+            if scoring == "after_each":
+                run.score(chunk, baseline, {"T": edited, "edit_seconds": seconds})
+            elif edited in marks:
+                todo = [i for i in range(edited) if (ids[i], edited) not in run.done]
+                run.score(todo, baseline, {"T": edited})
+            bar.update(len(chunk))
+            if state_dir is not None and (edited in marks or c % 10 == 9
+                                          or time.perf_counter() - last_checkpoint > CHECKPOINT_SECONDS):
+                _checkpoint(model, originals, state_dir, c + 1, editor.name, run.failed)
+                last_checkpoint = time.perf_counter()
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                model.parameter(name).copy_(original)
+        model.cache["edited_keys"] = keys_before
+        restore_adaptors(model, adaptors_before)
+    return edit_seconds
+
+
+def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> None:
+    """Snapshot (once) every parameter a patch will change, so the run can restore the model."""
+    for component in patch.components:
+        if component.memory:
+            continue  # no weight: recorded keys or adaptor entries (see _checkpoint)
+        if not isinstance(component, WeightDelta):
+            raise EvalError(f"sequential runs support weight patches only (got {type(component).__name__})")
+        if component.param not in originals:
+            originals[component.param] = model.parameter(component.param).detach().clone()
+
+
+def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str,
+                failed: dict[int, str]) -> None:
+    """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark."""
+    deltas: list[Any] = [WeightDelta(name, (model.parameter(name).detach().float() - original.float()).cpu())
+                         for name, original in originals.items()]
+    params = dict.fromkeys(c.param for c in model.cache.get("edited_keys", []))
+    deltas += [EditedKeys(param, edited_keys(model, param)) for param in params]  # type: ignore[arg-type]
+    deltas += [adaptor.as_component() for adaptor in adaptors(model).values()]
+    Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(state_dir / "patch")
+    tmp = state_dir / "progress.json.tmp"
+    tmp.write_text(json.dumps({"chunks_done": chunks_done, "failed": failed}))
+    tmp.replace(state_dir / "progress.json")
+
+
