@@ -25,6 +25,7 @@ import torch
 from lmedit.errors import EditError
 from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams
+from lmedit.methods.value_cache import ValueStore
 from lmedit.models.spec import get_module
 from lmedit.requests import EditRequest
 from lmedit.scoring import Batch, FixedPrefix, encode, tokenize
@@ -193,7 +194,7 @@ class ValueConfig:
     """Settings of the v* optimisation, built by ``LocateHParams.value_config`` (which holds the defaults).
     ``group``: requests optimised together in one batch (their deltas are independent, so grouping changes
     only speed, memory and when early stopping fires); ``cache``: keep optimised values on disk
-    (``ValueStore``), so mass edits resume."""
+    (``value_cache.ValueStore``), so mass edits resume."""
 
     lr: float
     steps: int
@@ -289,52 +290,6 @@ def _suffix_tokens(model: Any, request: EditRequest) -> int:
     end = request.template.index("{}") + len(request.subject)
     n_prompt = len(tokenize(model, model.format_prompt(prompt))[0])
     return n_prompt - subject_last_token(model, prompt, end) + len(tokenize(model, " " + request.target_new)[0])
-
-
-class ValueStore:
-    """On-disk cache of optimised values per group of requests, so a long mass edit that is killed
-    resumes where it stopped (and MEMIT / EMMET / AlphaEdit runs with the same settings share them).
-
-    Keyed by the model's *current* weights (an exact hash of strided float32 samples of every
-    parameter, plus its adaptors), the layer, sites, templates, settings and the requests themselves;
-    stored under ``$LMEDIT_CACHE/values/``.
-    """
-
-    def __init__(self, model: Any, layer: int, templates: Sequence[str], cfg: "ValueConfig", sites: Sequence[str]) -> None:
-        import hashlib
-        import json
-
-        from lmedit.models.bundled import cache_dir
-
-        h = hashlib.sha256()
-        for name, p in model.module.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(name.encode())
-            h.update(flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
-        h.update(repr(sorted(model.cache.get("adaptors", {}))).encode())
-        h.update(json.dumps([layer, list(templates), list(sites), getattr(model, "doc_start", None),
-                             {k: v for k, v in vars(cfg).items()  # (an unset prompt_share keeps older keys)
-                              if k not in ("group", "cache") and not (k == "prompt_share" and v is None)}]).encode())
-        self.state = h.hexdigest()[:20]
-        self.folder = cache_dir() / "values" / self.state
-
-    def _path(self, group: Sequence[EditRequest]) -> Any:
-        import hashlib
-        import json
-
-        key = hashlib.sha256(json.dumps([r.to_dict() for r in group], sort_keys=True, default=str).encode())
-        return self.folder / f"{key.hexdigest()[:24]}.pt"
-
-    def get(self, group: Sequence[EditRequest]) -> Any:
-        path = self._path(group)
-        return torch.load(path) if path.exists() else None
-
-    def put(self, group: Sequence[EditRequest], value: Any) -> None:
-        path = self._path(group)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
 
 
 def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str],
