@@ -211,6 +211,33 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, update_aware, tmp_path, 
     assert _bit_identical(model, saved)  # reverted bit for bit
 
 
+def test_rome_clamps_its_change_harder_behind_a_post_mlp_norm(tmp_path, monkeypatch):
+    """Default ``clamp_norm_factor``: 4 (published) without a post-MLP norm, 1 with one; the written change
+    at the prompt's key then stays within ``‖v̄‖``, where an unclamped one (100) goes past it."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    from lmedit.methods.rome import ROME
+
+    assert ROME().hparams.resolve(tiny("llama")).clamp_norm_factor == 4.0
+    model = tiny("gemma3")
+    assert ROME().hparams.resolve(model).clamp_norm_factor == 1.0
+    assert ROME(clamp_norm_factor=2.5).hparams.resolve(model).clamp_norm_factor == 2.5  # explicit wins
+    request = lmedit.EditRequest("The colour of {}", "grass", " Z")
+    settings = {**FAST, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60}
+    templates = keyvalue.context_templates(model, [tuple(x) for x in FAST["context_lengths"]])
+    keys = keyvalue.compute_keys(model, 0, [request], templates, average=False).float()
+    W = model.module.get_submodule(model.spec.path(0, "mlp_out")).weight.detach().float()
+    v_bar = (keys @ W.T).mean(0).norm()
+    bare = keys[templates.index("{}")]
+    ratios = {}
+    for clamp in (None, 100.0):
+        extra = {} if clamp is None else {"clamp_norm_factor": clamp}
+        patch = lmedit.edit(model, request, method="rome", layer=0, **settings, **extra)
+        [change] = patch.components
+        assert patch.hparams["clamp_norm_factor"] == (1.0 if clamp is None else clamp)
+        ratios[clamp] = float(((change.left @ change.right) @ bare).norm() / v_bar)
+    assert ratios[None] <= 1.0 + 1e-3 and ratios[100.0] > 1.5, ratios
+
+
 def test_rome_every_key_writes_the_same_change_at_each_context(tmp_path, monkeypatch):
     """``keys="each"``: the rank-one update adds the same δ at every context's key, where ROME's adds it
     at their mean only; a bad ``keys`` value is a clear error and leaves the model alone."""

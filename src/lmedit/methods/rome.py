@@ -34,10 +34,21 @@ ZsRE cases (``…-zsre-rome{-meankey,}-single-20``): Rel.(tf) 0.71 → 0.90, Gen
 ``keys="mean", prompt_share=None`` is the previous default; with ``update_aware=False`` too, the published
 method.
 
+**A tighter clamp behind a post-MLP norm** (``default_clamp``, since session 13). Gemma-2/3 and OLMo-2
+normalise each MLP output before the residual stream (``spec.mlp_post_norm``), so what the stream receives
+from ``v̄ + δ`` saturates in ``‖δ‖``: once ``δ`` outweighs ``v̄`` the edited prompt gains little, while every
+other prompt's share ``uᵀk·δ`` keeps growing. With the published clamp (``‖δ‖ ≤ 4‖v̄‖``) Gemma-3-270M lost
+6 of its first 50 CounterFact neighbourhood prompts, each receiving only 8–17 % of the subject's change
+(traced on cases 5 and 16: 1.3 of 13.3 and 2.2 of 17.1 at the neighbour's subject tokens). With
+``‖δ‖ ≤ ‖v̄‖`` (``runs/gemma3-270m-counterfact-rome{-clamp4,}-single-50``): neighbourhood 0.70 → 0.80
+(unedited 0.82), Rel.(tf) 0.97 → 1.00, Rel.(gen) 0.94 → 0.98, Loc.(tf) 0.94 → 0.98, efficacy 1.00 and
+paraphrase 0.98 either way, and v* stops sooner (13.5 vs 34.5 s/edit, one thread). Models without such a
+norm keep the published 4.
+
 Several requests are edited one after another, each on top of the previous ones. The patch holds one
 rank-one ``WeightDelta`` per request. Defaults: the layer at the depth fraction of Llama-7B's layer 5
 of 32; v* optimisation as published for GPT-2 XL (Adam lr 0.5, 20 steps, KL 0.0625, weight decay 0.5,
-clamp 4); statistics over up to 100k corpus tokens.
+clamp 4, or 1 behind a post-MLP norm); statistics over up to 100k corpus tokens.
 """
 from __future__ import annotations
 
@@ -65,9 +76,16 @@ class ROMEHParams(LocateHParams):
     keys: str = "each"  # "each": ΔW k_j = δ at every context's key (module docstring); "mean": ROME's k*
     collide: float = 0.0  # with keys="each": relaxes the per-context equalities (EMMET's μ)
     prompt_share: float | None = 0.5  # the unprefixed prompt's weight in the v* loss; None: uniform (published)
+    clamp_norm_factor: float | None = None  # ‖δ‖ ≤ this · ‖v̄‖; default 4 (published), 1 behind a post-MLP norm
 
     def _defaults(self, model: Any) -> dict[str, Any]:
-        return {"layer": model.spec.layer_at(5 / 31)}
+        return {"layer": model.spec.layer_at(5 / 31), "clamp_norm_factor": default_clamp(model)}
+
+
+def default_clamp(model: Any) -> float:
+    """ROME's ``clamp_norm_factor``: the published 4 (``‖δ‖ ≤ 4‖v̄‖``), or 1 where a norm sits between the MLP
+    and the residual stream (``spec.mlp_post_norm``: Gemma-2/3, OLMo-2). See the module docstring."""
+    return 1.0 if model.spec.mlp_post_norm is not None else 4.0
 
 
 class ROME(Method):
