@@ -6,6 +6,7 @@
 #   T=1000 benchmarks/sequential_tables.sh smollm2-135m              then: lmedit report runs/*-sequential-*
 #   DATA=hallucination T=600 METHODS="grace wise" benchmarks/sequential_tables.sh
 set -euo pipefail
+read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
 T=${T:-1000}
 DATA=${DATA:-zsre}
@@ -25,7 +26,7 @@ for model in $models; do
         case $method in wise|wise-retrieve|defer) args+=(--hparam "corpus=$DATA-train") ;; esac ;;
     esac
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
-      --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume
+      --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume "${extra[@]}"
   done
 done
 lmedit report runs/*-sequential-*
