@@ -16,8 +16,9 @@ summary's ``edit_failed`` is the failure rate and the other means count a declin
 it is.
 
 Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
-(sequential runs also checkpoint their accumulated edit in ``out_dir/state``: ``lmedit.evaluate.sequential``) under the settings recorded
-in ``out_dir/run.json`` when it started, or not at all (``_same_settings``). ``summary.json`` and
+(sequential runs also checkpoint their accumulated edit in ``out_dir/state``, see
+``lmedit.evaluate.sequential``) under the settings recorded in ``out_dir/run.json`` when it started, or not
+at all (``_same_settings``). ``summary.json`` and
 ``summary.md`` hold the means and everything needed to reproduce the run.
 """
 from __future__ import annotations

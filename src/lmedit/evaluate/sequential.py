@@ -111,5 +111,3 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
     tmp = state_dir / "progress.json.tmp"
     tmp.write_text(json.dumps({"chunks_done": chunks_done, "failed": failed}))
     tmp.replace(state_dir / "progress.json")
-
-
