@@ -435,7 +435,7 @@ def test_wise_mask_ratio_keeps_the_papers_trainable_entries_per_shard():
 def test_wise_unrelated_inputs_from_a_datasets_locality_prompts(tmp_path):
     """``corpus`` naming an edit dataset: its locality prompts with their answers (the WISE paper's
     ZsRE-train inputs), each once; a text file still gives its sentences."""
-    from lmedit.methods.wise import unrelated_sentences
+    from lmedit.methods.unrelated import unrelated_sentences
 
     record = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
               "rephrase": "What will be the product of UniFirst?", "alt": "drones", "answers": ["uniform"],

@@ -27,7 +27,7 @@ from lmedit.errors import EditError, PatchError
 from lmedit.hooks import Hooks, ReplayBelow
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.keyvalue import _encode_mixed
-from lmedit.methods.wise import sample_per_request, unrelated_sentences
+from lmedit.methods.unrelated import sample_per_request, unrelated_sentences
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import COMPONENTS, Component
 from lmedit.requests import EditRequest
@@ -145,7 +145,7 @@ class DEFERHParams(HParams):
         layer: the layer whose ``W_out`` gets the gate and adaptor (default: depth fraction 27/31).
         lr: Adam learning rate of the adaptor; gate_lr: of the gate.  steps: optimisation steps.
         threshold: the gate value from which the adaptor answers.
-        n_irrelevant: unrelated inputs per edit (``irrelevant`` if given, else ``wise.unrelated_sentences(corpus)``:
+        n_irrelevant: unrelated inputs per edit (``irrelevant`` if given, else ``unrelated.unrelated_sentences(corpus)``:
             sentences of a text corpus, or an edit dataset's locality prompts, e.g. ``corpus="zsre-train"``).
     """
 

@@ -67,11 +67,9 @@ time: later edits and merges move every activation (see there for the figures). 
 """
 from __future__ import annotations
 
-import random
-import re
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -82,12 +80,12 @@ from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.keyvalue import context_templates
 from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, measured_threshold,
                                         routing_activation, ties_merge, token_weights)
+from lmedit.methods.unrelated import sample_per_request, unrelated_sentences
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import Component
 from lmedit.requests import EditRequest
 from lmedit.scoring import Batch, encode, target_logprobs, tokenize
 
-Item = TypeVar("Item")
 UNRELATED, REPLAY = 1, 2  # kinds of the target-less training rows (``TrainingRows.other_kind``)
 
 __all__ = ["WISE", "WISEHParams", "Memory", "SideMemory", "SideMemoryEdit", "ties_merge", "unrelated_sentences"]
@@ -354,54 +352,6 @@ def _merge(group: Sequence[Memory], hp: WISEHParams, serial: int) -> Memory:
     return Memory(uuid.uuid4().hex[:16], serial, delta, None, sum(m.edits for m in group),
                   min(m.min_act for m in group), group[-1].act_ratio, sum(m.shards for m in group), True,
                   prompts=[p for m in group for p in m.prompts], targets=[t for m in group for t in m.targets])
-
-
-def sample_per_request(requests: Sequence[EditRequest], pool: Sequence[Item], n: int, seed: int, salt: str = ""
-                       ) -> list[list[Item]]:
-    """``min(n, len(pool))`` items of ``pool`` for each request, drawn without replacement by a generator
-    seeded with the seed, ``salt`` and the request (so a request always gets the same ones)."""
-    if n <= 0 or not pool:
-        return [[] for _ in requests]
-    return [random.Random(f"{seed}:{salt}{r.prompt}:{r.target_new}").sample(list(pool), min(n, len(pool)))
-            for r in requests]
-
-
-def unrelated_sentences(model: Any, corpus: str | None = None) -> list[str]:
-    """Unrelated inputs for the routing margins: sentences of 6–40 words from the text ``corpus``
-    (default: the benchmark data's Wikipedia passages), or — when ``corpus`` names an edit dataset
-    (``"zsre-train"``, a ``.json``/``.jsonl`` file) — its locality prompts followed by their answers.
-
-    The second is what the WISE paper trains on (ZsRE's *train* split, ``"{loc} {loc_ans}"``): unrelated
-    inputs in the format of the queries the edited model will see. The routing activation partly
-    measures format, so Wikipedia sentences teach it less about keeping unrelated *questions* out.
-    """
-    key = ("wise_unrelated", corpus)
-    if key not in model.cache:
-        model.cache[key] = _dataset_locality(corpus) if _is_dataset(corpus) else _corpus_sentences(model, corpus)
-    return model.cache[key]
-
-
-def _is_dataset(source: str | None) -> bool:
-    from lmedit.data import NAMES
-
-    return source is not None and (source in NAMES or str(source).endswith((".json", ".jsonl")))
-
-
-def _dataset_locality(source: str) -> list[str]:
-    from lmedit.data import load_dataset
-
-    texts = [f"{p.prompt} {p.answer}" for r in load_dataset(source).requests for p in r.locality]
-    if not texts:
-        raise EditError(f"the dataset {source!r} has no locality prompts to use as unrelated inputs")
-    return list(dict.fromkeys(texts))
-
-
-def _corpus_sentences(model: Any, corpus: str | None) -> list[str]:
-    from lmedit.stats import corpus_texts
-
-    texts, _ = corpus_texts(corpus, model, max_tokens=5_000)
-    sentences = [s.strip() for text in texts for s in re.split(r"(?<=[.!?])\s+", text)]
-    return [s for s in sentences if 6 <= len(s.split()) <= 40] or texts
 
 
 def _check(hp: WISEHParams) -> None:
