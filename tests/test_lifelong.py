@@ -140,6 +140,71 @@ def test_lora_patch_is_low_rank_and_reversible(arch):
     assert all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_trains_through_peft_and_leaves_the_model_as_it_was(arch):
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny(arch)
+    modules = dict(model.module.named_modules())
+    flags = {n: p.requires_grad for n, p in model.module.named_parameters()}
+    rng = torch.random.get_rng_state()
+    seen = []
+    real_init = LoraLayer.update_layer
+
+    def spy(self, *args, **kwargs):  # peft builds the adapter: count the layers it wraps
+        seen.append(self)
+        return real_init(self, *args, **kwargs)
+
+    LoraLayer.update_layer = spy
+    try:
+        first = lmedit.edit(model, EDIT, method="lora", lr=1e-2, rank=4)
+    finally:
+        LoraLayer.update_layer = real_init
+    assert len(seen) == model.spec.n_layers
+    assert dict(model.module.named_modules()).keys() == modules.keys()  # the wrappers are gone again
+    assert all(modules[n] is m for n, m in model.module.named_modules())
+    assert not hasattr(model.module, "peft_config")
+    assert {n: p.requires_grad for n, p in model.module.named_parameters()} == flags
+    assert torch.equal(torch.random.get_rng_state(), rng)  # seeded privately: the caller's RNG untouched
+    again = lmedit.edit(model, EDIT, method="lora", lr=1e-2, rank=4)
+    assert all(torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+               for a, b in zip(first.components, again.components))
+    other = lmedit.edit(model, EDIT, method="lora", lr=1e-2, rank=4, seed=1)
+    assert not torch.equal(other.components[0].right, first.components[0].right)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_patch_exports_as_a_peft_adapter(arch, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    from lmedit.errors import EditError
+    from lmedit.methods.finetune import save_peft_adapter
+
+    model = tiny(arch)
+    second = lmedit.EditRequest("The colour of {} is ", "the sky", "Q")
+    p1 = lmedit.edit(model, EDIT, method="lora", lr=1e-2, rank=4).apply(model)
+    p2 = lmedit.edit(model, second, method="lora", lr=1e-2, rank=4).apply(model)  # sequential: one adapter of rank 8
+    edited = [_logits(model, EDIT.prompt), _logits(model, second.prompt)]
+    composed = p1 + p2
+    p2.revert()
+    p1.revert()
+    base = copy.deepcopy(model.module)
+    unedited = base(torch.tensor([[3, 4, 5]])).logits
+    save_peft_adapter(composed, model, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    for prompt, want in zip([EDIT.prompt, second.prompt], edited):
+        batch = encode(model, [prompt])
+        got = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids(), use_cache=False).logits
+        assert torch.allclose(got[:, -want.shape[1]:].float(), want, atol=1e-4), prompt
+    with peft_model.disable_adapter():
+        assert torch.allclose(peft_model(torch.tensor([[3, 4, 5]])).logits, unedited)
+    with pytest.raises(EditError, match="only a LoRA patch"):
+        save_peft_adapter(lmedit.edit(model, EDIT, method="ft-m"), model, tmp_path / "no")
+
+
 def test_ewc_penalty_holds_back_the_weights_the_corpus_uses(tmp_path, monkeypatch):
     from lmedit.stats import fisher_diagonal
 
