@@ -117,3 +117,23 @@ def test_head_attribution_is_gradient_times_activation(arch, tmp_path):
     assert (logp() - shrunk) / eps == pytest.approx(score, rel=0.05, abs=1e-4)  # d/dα at α = 1
     circuit.plot(tmp_path / "circuit.png")
     assert (tmp_path / "circuit.png").stat().st_size > 1000 and circuit.to_dict()["top_heads"]
+
+
+def test_inspection_commands_print_json_and_write_their_pictures(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmedit.cli import app
+    from tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    runner = CliRunner()
+    for command, picture in [("lens", "heatmap"), ("attribute", "chart"), ("circuit", "graph")]:
+        png = tmp_path / f"{command}.png"
+        out = runner.invoke(app, [command, "--prompt", PROMPT, "--model", str(tmp_path / "m"), "--plot", str(png)])
+        assert out.exit_code == 0, out.output
+        assert f"{picture} written to {png}" in out.output and png.stat().st_size > 1000
+        data = runner.invoke(app, [command, "--prompt", PROMPT, "--model", str(tmp_path / "m"), "--json"])
+        assert data.exit_code == 0 and isinstance(json.loads(data.output), dict), data.output

@@ -197,6 +197,14 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
           markdown_table(reports))
 
 
+def _emit_result(result: Any, lines: list[str], plot: Optional[str], picture: str, as_json: bool) -> None:
+    """Print an inspection result (its ``to_dict()`` with ``--json``), after writing its ``picture`` to ``plot``."""
+    if plot:
+        result.plot(plot)
+        lines.append(f"{picture} written to {plot}")
+    _emit(as_json, result.to_dict(), "\n".join(lines))
+
+
 @app.command()
 def trace(prompt: str = typer.Option(..., "--prompt", "-p", help="a prompt containing the subject"),
           subject: str = typer.Option(..., "--subject", "-s"),
@@ -211,17 +219,13 @@ def trace(prompt: str = typer.Option(..., "--prompt", "-p", help="a prompt conta
 
     m = _load(model, device, dtype, chat)
     result = causal_trace(m, prompt, subject, answer, kind=kind, samples=samples)  # type: ignore[arg-type]
-    if plot:
-        result.plot(plot)
     effect = result.effect
     lines = [f"causal trace ({kind}) of {m.name}: {prompt!r} \u2192 {result.answer!r}; "
              f"clean {result.clean:.3f}, corrupted {result.corrupted:.3f}", "token: best layer (indirect effect)"]
     for i, token in enumerate(result.tokens):
         mark = "*" if result.subject[0] <= i < result.subject[1] else " "
         lines.append(f"  {mark}{token!r:>16}: layer {int(effect[i].argmax()):>2} ({float(effect[i].max()):+.3f})")
-    if plot:
-        lines.append(f"heatmap written to {plot}")
-    _emit(as_json, result.to_dict(), "\n".join(lines))
+    _emit_result(result, lines, plot, "heatmap", as_json)
 
 
 @app.command()
@@ -235,15 +239,11 @@ def lens(prompt: str = typer.Option(..., "--prompt", "-p"),
 
     m = _load(model, device, dtype, chat)
     result = logit_lens(m, prompt, k)
-    if plot:
-        result.plot(plot)
     lines = [f"logit lens of {m.name} at the last token of {prompt!r}:"]
     for layer in range(result.top_ids.shape[0]):
         tops = ", ".join(f"{t!r} {p:.2f}" for t, p in result.top_tokens(layer))
         lines.append(f"  layer {layer:>2}: {tops}")
-    if plot:
-        lines.append(f"heatmap written to {plot}")
-    _emit(as_json, result.to_dict(), "\n".join(lines))
+    _emit_result(result, lines, plot, "heatmap", as_json)
 
 
 @app.command()
@@ -258,13 +258,9 @@ def attribute(prompt: str = typer.Option(..., "--prompt", "-p"),
 
     m = _load(model, device, dtype, chat)
     result = neuron_attribution(m, prompt, answer, steps)
-    if plot:
-        result.plot(plot)
     lines = [f"neuron attribution of {m.name} for {result.answer!r} after {prompt!r}:", "  top neurons (layer.neuron: IG):"]
     lines += [f"    L{layer}.{n}: {v:+.4f}" for layer, n, v in result.top(10)]
-    if plot:
-        lines.append(f"chart written to {plot}")
-    _emit(as_json, result.to_dict(), "\n".join(lines))
+    _emit_result(result, lines, plot, "chart", as_json)
 
 
 @app.command()
@@ -278,16 +274,12 @@ def circuit(prompt: str = typer.Option(..., "--prompt", "-p"),
 
     m = _load(model, device, dtype, chat)
     result = head_attribution(m, prompt, answer)
-    if plot:
-        result.plot(plot)
     lines = [f"head attribution of {m.name} for {result.answer!r} after {prompt!r}:"]
     for layer, head, a in result.top_heads(8):
         weights = result.attention[layer, head]
         reads = ", ".join(f"{result.tokens[int(t)]!r} {float(weights[t]):.2f}" for t in weights.argsort(descending=True)[:3])
         lines.append(f"  L{layer}H{head}: {a:+.4f}   reads {reads}")
-    if plot:
-        lines.append(f"graph written to {plot}")
-    _emit(as_json, result.to_dict(), "\n".join(lines))
+    _emit_result(result, lines, plot, "graph", as_json)
 
 
 @app.command()
