@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, resummarize
+from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, plot_comparison, resummarize
 from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
+from lmedit.evaluate.report import curve_label
 from lmedit.methods.finetune import FTM
 from lmedit.scoring import generate
 from tiny import tiny
@@ -177,6 +178,9 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters()), "a killed run restores the model"
+    stopped = load_report(out)  # a stopped run is reported from its settings and the marks scored so far
+    assert stopped.config["in_progress"] and sorted(int(t) for t in stopped.summary["by_T"]) == [1, 2]
+    assert "[in progress] T=2 | 2 |" in markdown_table([stopped])
     with pytest.raises(EvalError, match="resume"):
         evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
     report = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, resume=True,
@@ -187,6 +191,11 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert len(lines) == 1 + 2 + 4  # no record written twice
     assert (out / "curves.png").stat().st_size > 1000
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
+    unedited = evaluate(model, None, reqs, out_dir=tmp_path / "none", progress=False)
+    assert plot_comparison([load_report(out), stopped, unedited], tmp_path / "cmp.png").stat().st_size > 1000
+    assert curve_label(stopped.config) == "ft-m [in progress]"
+    with pytest.raises(EvalError, match="lifelong"):
+        plot_comparison([unedited], tmp_path / "none.png")
 
 
 def test_resume_refuses_other_settings(model, tmp_path, caplog):

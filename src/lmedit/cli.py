@@ -187,14 +187,20 @@ def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (coun
 def report(directories: list[str] = typer.Argument(..., help="run directories written by `lmedit eval`"),
            resummarize: bool = typer.Option(False, "--resummarize",
                                              help="first recompute each run's summary from its cases.jsonl"),
+           plot: Optional[str] = typer.Option(None, "--plot", help="write the lifelong runs' curves (Rel., Gen., Loc. "
+                                              "against T, a line per run) to this .png"),
            as_json: bool = JsonOpt) -> None:
     """Print several evaluation runs side by side as one table (method rows, metric columns)."""
-    from lmedit.evaluate import load_report, markdown_table
+    from lmedit.evaluate import load_report, markdown_table, plot_comparison
     from lmedit.evaluate import resummarize as recompute
 
     reports = [recompute(d) if resummarize else load_report(d) for d in directories]
+    text = markdown_table(reports)
+    if plot:
+        plot_comparison(reports, plot)
+        text += f"\ncurves written to {plot}"
     _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in zip(directories, reports)]},
-          markdown_table(reports))
+          text)
 
 
 def _emit_result(result: Any, lines: list[str], plot: Optional[str], picture: str, as_json: bool) -> None:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmedit.errors import EvalError
+
 # Column order of tables: reliability, generalisation, locality, portability, CounterFact scores, cost.
 COLUMNS = [
     ("rewrite_tf", "Rel.(tf)"), ("rewrite_em", "Rel.(gen)"), ("rephrase_tf", "Gen.(tf)"), ("rephrase_em", "Gen.(gen)"),
@@ -17,14 +19,26 @@ COLUMNS = [
 
 
 def load_report(directory: str | Path) -> Any:
-    """A ``Report`` (configuration and summary, no per-case records) from a run directory."""
-    from lmedit.evaluate.runner import EvalError, Report
+    """A ``Report`` (configuration and summary, no per-case records) from a run directory.
 
-    path = Path(directory) / "summary.json"
-    if not path.is_file():
-        raise EvalError(f"{directory} is not an evaluation run (no summary.json)")
-    data = json.loads(path.read_text())
-    return Report(data["config"], [], data["summary"], Path(directory))
+    A run still under way (or stopped, to be resumed) has no ``summary.json`` yet: its settings
+    (``run.json``) and the cases scored so far (``cases.jsonl``) are summarised instead, and its
+    configuration says ``"in_progress": true``.
+    """
+    from lmedit.evaluate.runner import Report, summarize
+
+    directory = Path(directory)
+    path = directory / "summary.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return Report(data["config"], [], data["summary"], directory)
+    settings, cases = directory / "run.json", directory / "cases.jsonl"
+    if not (settings.is_file() and cases.is_file()):
+        raise EvalError(f"{directory} is not an evaluation run (no summary.json, nor run.json and cases.jsonl)")
+    config = {**json.loads(settings.read_text()), "in_progress": True}
+    records = [json.loads(line) for line in cases.read_text().splitlines() if line.strip()]
+    lifelong = config.get("protocol") == "sequential" and config.get("scoring") == "after_all"
+    return Report(config, [], summarize(records, by_t=lifelong), directory)
 
 
 def _placement(config: dict[str, Any]) -> str:
@@ -39,6 +53,8 @@ def _placement(config: dict[str, Any]) -> str:
 def _rows(report: Any) -> list[tuple[str, dict[str, Any]]]:
     c = report.config
     label = f"{c['method']} ({c['protocol']}" + (f", {c['scoring']}" if c.get("scoring") else "") + ")" + _placement(c)
+    if c.get("in_progress"):
+        label += " [in progress]"
     if "by_T" in report.summary:  # lifelong rows; the mean edit time (over all T edits) on the last one
         rows = [(f"{label} T={t}", dict(m)) for t, m in report.summary["by_T"].items()]
         if rows and c.get("edit_seconds_mean") is not None and "edit_seconds" not in rows[-1][1]:
@@ -66,19 +82,28 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def plot_curves(report: Any, path: str | Path) -> Path:
-    """PNG of each metric against the number of edits T (log scale), from a lifelong run."""
+def _figure() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_t = report.summary["by_T"]
-    ts = sorted(int(t) for t in by_t)
-    metrics = [(k, h) for k, h in COLUMNS[:9] if any(k in by_t[t] for t in by_t)]
+    return plt
+
+
+def _by_t(report: Any) -> list[tuple[int, dict[str, Any]]]:
+    """A lifelong run's marks ``(T, metrics)`` in increasing T."""
+    return sorted(((int(t), m) for t, m in report.summary["by_T"].items()), key=lambda tm: tm[0])
+
+
+def plot_curves(report: Any, path: str | Path) -> Path:
+    """PNG of each metric against the number of edits T (log scale), from a lifelong run."""
+    plt = _figure()
+    marks = _by_t(report)
+    metrics = [(k, h) for k, h in COLUMNS[:9] if any(k in m for _, m in marks)]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for key, header in metrics:
-        ax.plot(ts, [by_t[t].get(key, float("nan")) for t in by_t], marker="o", label=header)
+        ax.plot([t for t, _ in marks], [m.get(key, float("nan")) for _, m in marks], marker="o", label=header)
     ax.set_xscale("log")
     ax.set_xlabel("number of sequential edits T")
     ax.set_ylabel("score")
@@ -88,6 +113,54 @@ def plot_curves(report: Any, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def curve_label(config: dict[str, Any]) -> str:
+    """A lifelong run's name in a comparison: the method, WISE's mode, the batch size when > 1."""
+    label = config["method"]
+    mode = config.get("hparams", {}).get("mode")
+    if mode:
+        label += f"-{mode}"
+    if (config.get("batch_size") or 1) > 1:
+        label += f" (batches of {config['batch_size']})"
+    return label + _placement(config) + (" [in progress]" if config.get("in_progress") else "")
+
+
+def plot_comparison(reports: Sequence[Any], path: str | Path,
+                    metrics: Sequence[str] = ("rewrite_tf", "rephrase_tf", "locality_tf")) -> Path:
+    """PNG comparing lifelong runs: a panel per metric (reliability, generalisation, locality by default)
+    against the number of sequential edits T (log scale), a line per run; an unedited run (method
+    ``none``) among ``reports`` is drawn as a dashed reference line. Other runs that are not lifelong (no
+    scores by T) are left out; an error if no run is lifelong."""
+    runs = [r for r in reports if "by_T" in r.summary]
+    unedited = [r for r in reports if r.config.get("method") in ("none", "unedited") and "by_T" not in r.summary]
+    if not runs:
+        raise EvalError("none of these runs is a sequential (lifelong) run scored at several T: nothing to plot")
+    plt = _figure()
+    headers = dict(COLUMNS)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0), sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        for r in runs:
+            marks = [(t, m[key]) for t, m in _by_t(r) if m.get(key) is not None]
+            if marks:
+                ax.plot([t for t, _ in marks], [v for _, v in marks], marker="o", label=curve_label(r.config))
+        for r in unedited[:1]:  # the unedited model's score, for reference
+            if r.summary["overall"].get(key) is not None:
+                ax.axhline(r.summary["overall"][key], color="gray", linestyle="--", linewidth=1, label="unedited")
+        ax.set_xscale("log")
+        ax.set_xlabel("number of sequential edits T")
+        ax.set_title(headers.get(key, key))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (after all T edits)" if runs[0].config.get("scoring") == "after_all" else "score")
+    sources = sorted({f"{r.config['model']['name']} / {r.config['dataset'].get('name', '?')}" for r in runs})
+    fig.suptitle(", ".join(sources))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 5), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
