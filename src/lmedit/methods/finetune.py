@@ -77,7 +77,7 @@ class Trainable:
 
 
 class FineTune(Method):
-    """Shared training loop of FT-L and FT-M (see the module docstring for the objectives)."""
+    """The fine-tuning editors' shared training loop (see the module docstring for the objectives)."""
 
     name = "ft"
     HParams = FTHParams
