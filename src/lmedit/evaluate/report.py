@@ -25,7 +25,7 @@ def load_report(directory: str | Path) -> Any:
     (``run.json``) and the cases scored so far (``cases.jsonl``) are summarised instead, and its
     configuration says ``"in_progress": true``.
     """
-    from lmedit.evaluate.runner import Report, summarize
+    from lmedit.evaluate.runner import Report, read_cases, summarize
 
     directory = Path(directory)
     path = directory / "summary.json"
@@ -36,9 +36,8 @@ def load_report(directory: str | Path) -> Any:
     if not (settings.is_file() and cases.is_file()):
         raise EvalError(f"{directory} is not an evaluation run (no summary.json, nor run.json and cases.jsonl)")
     config = {**json.loads(settings.read_text()), "in_progress": True}
-    records = [json.loads(line) for line in cases.read_text().splitlines() if line.strip()]
     lifelong = config.get("protocol") == "sequential" and config.get("scoring") == "after_all"
-    return Report(config, [], summarize(records, by_t=lifelong), directory)
+    return Report(config, [], summarize(read_cases(directory), by_t=lifelong), directory)
 
 
 def _placement(config: dict[str, Any]) -> str:

@@ -166,11 +166,9 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         cases_file = out / "cases.jsonl"
         if cases_file.exists() and cases_file.stat().st_size and not resume:
             raise EvalError(f"{out} already holds results; pass resume=True (--resume) or choose another directory")
-        if resume and cases_file.exists():
-            for line in cases_file.read_text().splitlines():
-                if line.strip():
-                    run.records.append(json.loads(line))
-                    run.done.add((run.records[-1]["case_id"], run.records[-1].get("T")))
+        if resume:
+            run.records = read_cases(out)
+            run.done.update((r["case_id"], r.get("T")) for r in run.records)
     config = {
         "protocol": protocol if editor is not None else "unedited",
         "scoring": scoring if protocol == "sequential" else None,
@@ -326,14 +324,21 @@ def _version() -> str:
     return lmedit.__version__
 
 
+def read_cases(directory: str | Path) -> list[dict[str, Any]]:
+    """The per-case records a run has written so far (``cases.jsonl``; none if there is no such file)."""
+    path = Path(directory) / "cases.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def resummarize(directory: str | Path) -> Report:
     """Recompute a finished run's summary (and table, curves) from its ``cases.jsonl`` with the current
     averaging rules; its configuration is kept as recorded."""
     from lmedit.evaluate.report import load_report
 
     recorded = load_report(directory)
-    lines = (Path(directory) / "cases.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_cases(directory)
     report = Report(recorded.config, records, summarize(records, by_t="by_T" in recorded.summary), Path(directory))
     _write_outputs(report)
     return report
