@@ -25,6 +25,9 @@ for model in $models; do
       zsre|hallucination|temporal)
         case $method in wise|wise-retrieve|defer) args+=(--hparam "corpus=$DATA-train") ;; esac ;;
     esac
+    # passages: exact-match generation of a 100-token target says nothing (and costs most of the run);
+    # the lifelong literature scores them teacher-forced and by perplexity
+    case $DATA in hallucination|temporal) args+=(--no-generation) ;; esac
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
       --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume "${extra[@]}"
   done
