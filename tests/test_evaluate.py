@@ -198,6 +198,25 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
         plot_comparison([unedited], tmp_path / "none.png")
 
 
+def test_a_resumed_sequential_run_scores_as_an_uninterrupted_one(model, tmp_path):
+    """A killed and resumed run ends on the same weights, bit for bit, as one that was never stopped: the
+    live model is snapped to ``W₀ + (W − W₀)`` at each checkpoint, which is what a resume rebuilds."""
+    reqs = _requests(model, 4)
+    whole = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=tmp_path / "a",
+                     progress=False, generation=False)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, dies_on_third_call()(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2],
+                 out_dir=tmp_path / "b", progress=False, generation=False)
+    resumed = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=tmp_path / "b",
+                       resume=True, progress=False, generation=False)
+
+    def scores(report):
+        return sorted(({k: v for k, v in r.items() if not k.startswith("edit_")} for r in report.records
+                       if r["T"] == 4), key=lambda r: r["case_id"])
+
+    assert scores(resumed) == scores(whole)
+
+
 def test_resume_refuses_other_settings(model, tmp_path, caplog):
     """A run directory is one experiment: resuming with another hyper-parameter or dataset is refused
     (before anything is edited or written), a larger ``n`` extends it, another dtype only warns."""

@@ -101,9 +101,19 @@ def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> N
 
 def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path, chunks_done: int, method: str,
                 failed: dict[int, str]) -> None:
-    """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark."""
-    deltas: list[Any] = [WeightDelta(name, (model.parameter(name).detach().float() - original.float()).cpu())
-                         for name, original in originals.items()]
+    """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark.
+
+    The live weights are then snapped to ``W_original + Δ`` with the arithmetic a resume applies
+    (:meth:`WeightDelta.apply`): ``W₀ + Σ dᵢ`` accumulated edit by edit and ``W₀ + (W − W₀)`` differ by
+    rounding, so without the snap a resumed run would drift from an uninterrupted one, and caches keyed on
+    the exact weights (the value store's v*) would miss after every resume."""
+    deltas: list[Any] = []
+    with torch.no_grad():
+        for name, original in originals.items():
+            live = model.parameter(name)
+            delta = live.detach().float() - original.float()
+            live.copy_((original.float() + delta).to(live.dtype))
+            deltas.append(WeightDelta(name, delta.cpu()))
     params = dict.fromkeys(c.param for c in model.cache.get("edited_keys", []))
     deltas += [EditedKeys(param, edited_keys(model, param)) for param in params]  # type: ignore[arg-type]
     deltas += [adaptor.as_component() for adaptor in adaptors(model).values()]
