@@ -466,21 +466,42 @@ def test_knowledge_neuron_selection_rule():
     assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, share=0.7)) == [(1, 2)]
 
 
-def test_knowledge_neuron_edit_is_rank_one_per_layer_and_reversible():
-    model = tiny("gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D W_out (GELU); Linear W_out (SwiGLU: a_i < 0 occurs)
+def test_knowledge_neuron_edit_is_rank_one_per_layer_and_reversible(arch):
+    model = tiny(arch)
     # the prompts end in a space so that the answers' first (byte) tokens differ: "Z" and "g"
     request = lmedit.EditRequest("The colour of {} is ", "grass", "Z", "g", rephrases=["Grass has the colour "])
     saved = _params(model)
     patch = lmedit.edit(model, request, method="kn", share=0.5)
     assert _bit_identical(model, saved) and patch.info["neurons"][0]
     unembed = model.module.get_output_embeddings().weight
-    for change in patch.components:  # Conv1D: W_out is [d_mlp, d_model]; each chosen row gets 8·e(Z) − e(g)
-        dense = change.dense()
-        rows = dense.abs().sum(1) > 0
-        new, old = (lmedit.methods.knowledge_neurons.first_token(model, request.prompt, t) for t in ("Z", "g"))
-        assert new != old
-        expected = 8 * unembed[new] - unembed[old]
-        torch.testing.assert_close(dense[rows], expected.expand(int(rows.sum()), -1).detach(), rtol=1e-5, atol=1e-6)
+    kn = lmedit.methods.knowledge_neurons
+    new, old = (kn.first_token(model, request.prompt, t) for t in ("Z", "g"))
+    assert new != old
+    expected = (8 * unembed[new] - unembed[old]).detach()
+    layers = list(range(model.spec.n_layers))
+    signs = kn.last_token_activations(model, [request.prompt, *request.rephrases], layers).mean(0).sign()
+    chosen = patch.info["neurons"][0]
+    assert {float(signs[layer, i]) for layer, i in chosen} == ({1.0} if arch == "gpt2" else {-1.0, 1.0})
+    conv1d = arch == "gpt2"  # Conv1D: W_out is [d_mlp, d_model] and neuron i is row i; Linear: column i
+
+    def value_changes(p: lmedit.Patch) -> dict[tuple[int, int], torch.Tensor]:
+        dense = {c.param: c.dense() for c in p.components}
+        out = {}
+        for layer in layers:
+            d = dense.get(model.spec.path(layer, "mlp_out") + ".weight")
+            if d is not None:
+                d = d if conv1d else d.T
+                out.update({(layer, int(i)): d[i] for i in torch.nonzero(d.abs().sum(1) > 0).flatten()})
+        return out
+
+    changes = value_changes(patch)
+    assert sorted(changes) == sorted(chosen)
+    for (layer, i), row in changes.items():  # each chosen value vector gets s_i·(8·e(Z) − e(g))
+        torch.testing.assert_close(row, float(signs[layer, i]) * expected, rtol=1e-5, atol=1e-6)
+    literal = lmedit.edit(model, request, method="kn", share=0.5, signed=False)  # the paper's rule as written
+    for row in value_changes(literal).values():
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
     with patch.applied(model):
         pass
     assert _bit_identical(model, saved)
