@@ -436,22 +436,24 @@ def test_neuron_attributions_match_a_direct_riemann_sum():
     from lmedit.scoring import encode, forward_logits
 
     model = tiny("llama")
-    prompt, answer, layer, steps = "The colour of grass is", 70, 1, 5
-    scores = neuron_attributions(model, [prompt], [answer], [layer], steps)[0, 0]
-    path = model.spec.path(layer, "mlp_out")
+    prompt, answer, steps = "The colour of grass is", 70, 5
+    layers = [1, 0]  # any order: the blocks below each layer are replayed from one clean pass
+    scores = neuron_attributions(model, [prompt], [answer], layers, steps)[0]
     batch = encode(model, [prompt])
-    with torch.no_grad(), Hooks(model.module) as hooks:
-        key = hooks.read(path, "input")
-        forward_logits(model, batch)
-        a = hooks[key][0, -1].clone()
-    total = torch.zeros_like(a)
-    for j in range(1, steps + 1):  # one full, unbatched, uncached pass per point
-        x = (j / steps * a).requires_grad_(True)
-        with Hooks(model.module) as hooks, torch.enable_grad():
-            hooks.replace(path, "input", lambda t: torch.cat([t[:, :-1], x[None, None]], dim=1))
-            p = torch.softmax(forward_logits(model, batch)[0, -1], -1)[answer]
-            total += torch.autograd.grad(p, x)[0]
-    torch.testing.assert_close(scores, a * total / steps, rtol=1e-4, atol=1e-7)
+    for column, layer in enumerate(layers):
+        path = model.spec.path(layer, "mlp_out")
+        with torch.no_grad(), Hooks(model.module) as hooks:
+            key = hooks.read(path, "input")
+            forward_logits(model, batch)
+            a = hooks[key][0, -1].clone()
+        total = torch.zeros_like(a)
+        for j in range(1, steps + 1):  # one full, unbatched, uncached pass per point
+            x = (j / steps * a).requires_grad_(True)
+            with Hooks(model.module) as hooks, torch.enable_grad():
+                hooks.replace(path, "input", lambda t: torch.cat([t[:, :-1], x[None, None]], dim=1))
+                p = torch.softmax(forward_logits(model, batch)[0, -1], -1)[answer]
+                total += torch.autograd.grad(p, x)[0]
+        torch.testing.assert_close(scores[column], a * total / steps, rtol=1e-4, atol=1e-7)
 
 
 def test_knowledge_neuron_selection_rule():

@@ -173,11 +173,16 @@ class ReplayBelow(AbstractContextManager):
     Valid only while the batch fed to the model stays the same and nothing below ``layer`` changes
     (which holds when only parameters or deltas at or above ``layer`` are trained). Outputs are
     recorded detached, so no gradient flows below ``layer``.
+
+    ``bound`` (default ``layer``) may be raised between passes, up to ``layer``: blocks from ``bound`` up
+    run normally and are not recorded. Passes that change one layer after another, in ascending order,
+    thus run each block below the changed one only once in all (knowledge-neuron attribution).
     """
 
     def __init__(self, blocks: nn.ModuleList, layer: int) -> None:
         self.blocks = blocks
         self.layer = layer
+        self.bound = layer
         self._cache: dict[int, Any] = {}
         self._originals: dict[int, Callable] = {}
 
@@ -188,6 +193,8 @@ class ReplayBelow(AbstractContextManager):
             self._originals[i] = original
 
             def forward(*args: Any, _i: int = i, _orig: Callable = original, **kwargs: Any) -> Any:
+                if _i >= self.bound:
+                    return _orig(*args, **kwargs)
                 if _i not in self._cache:
                     with torch.no_grad():
                         self._cache[_i] = _orig(*args, **kwargs)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from lmedit.errors import EditError
-from lmedit.hooks import Hooks
+from lmedit.hooks import Hooks, ReplayBelow
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.solvers import as_weight_delta
 from lmedit.models.spec import get_module
@@ -91,7 +91,9 @@ def neuron_attributions(model: Any, prompts: Sequence[str], answer_ids: Sequence
     prompt's last token for ``P(answer_id | prompt)`` (see the module docstring).
 
     Scaling an activation at the last token changes nothing before it, so the prompts' prefixes run
-    once (a KV cache, ``FixedPrefix``) and each layer's ``steps`` points cost one single-token pass.
+    once (a KV cache, ``FixedPrefix``) and each layer's ``steps`` points cost one single-token pass;
+    nor does it change the blocks below its layer, so with the layers taken in ascending order each
+    block's clean output is computed once and replayed (``ReplayBelow``).
     """
     batch = encode(model, list(prompts))
     n, width = batch.input_ids.shape
@@ -104,18 +106,22 @@ def neuron_attributions(model: Any, prompts: Sequence[str], answer_ids: Sequence
     alphas = torch.arange(1, steps + 1, device=model.device, dtype=torch.float32) / steps
     targets = torch.tensor(list(answer_ids), device=model.device).repeat_interleave(steps)
     rows = torch.arange(len(targets), device=model.device)
-    scores = []
-    for path, a in zip(paths, activations):
-        scaled = (alphas[None, :, None] * a[:, None, :]).reshape(n * steps, -1).requires_grad_(True)
+    blocks = get_module(model.module, model.spec.blocks)
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(paths)
+    with ReplayBelow(blocks, max(model.spec._layer(layer) for layer in layers)) as below:
+        for j in sorted(range(len(paths)), key=lambda j: model.spec._layer(layers[j])):
+            a = activations[j]
+            scaled = (alphas[None, :, None] * a[:, None, :]).reshape(n * steps, -1).requires_grad_(True)
 
-        def swap(t: torch.Tensor, scaled: torch.Tensor = scaled) -> torch.Tensor:
-            return torch.cat([t[:, :-1], scaled.to(t.dtype)[:, None, :]], dim=1)
+            def swap(t: torch.Tensor, scaled: torch.Tensor = scaled) -> torch.Tensor:
+                return torch.cat([t[:, :-1], scaled.to(t.dtype)[:, None, :]], dim=1)
 
-        with Hooks(model.module) as hooks, torch.enable_grad():
-            hooks.replace(path, "input", swap)
-            probs = torch.softmax(runner.logits(1)[:, -1].float(), dim=-1)
-            (grad,) = torch.autograd.grad(probs[rows, targets].sum(), scaled)
-        scores.append(a * grad.reshape(n, steps, -1).mean(1))
+            below.bound = model.spec._layer(layers[j])
+            with Hooks(model.module) as hooks, torch.enable_grad():
+                hooks.replace(paths[j], "input", swap)
+                probs = torch.softmax(runner.logits(1)[:, -1].float(), dim=-1)
+                (grad,) = torch.autograd.grad(probs[rows, targets].sum(), scaled)
+            scores[j] = a * grad.reshape(n, steps, -1).mean(1)
     return torch.stack(scores, dim=1)
 
 
