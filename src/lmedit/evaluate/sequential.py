@@ -57,6 +57,7 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
         _remember(model, saved, originals)
         saved.apply(model).commit()
         bar.update(min(total, done_chunks * batch_size))
+        bar.refresh()  # show the resumed position now, not after the next edit
     edit_seconds: list[float] = []
     last_checkpoint = time.perf_counter()
     try:
