@@ -463,9 +463,21 @@ def test_knowledge_neuron_selection_rule():
     scores[:, 1, 2] = 1.0  # top neuron in every prompt
     scores[0, 0, 1] = scores[1, 0, 1] = 0.5  # above 0.2·max in 2 of 3 prompts
     scores[2, 0, 3] = 0.9  # in one prompt only
-    hp = KNHParams(threshold=0.2, share=0.6)
-    assert sorted(KnowledgeNeurons.select(scores, hp)) == [(0, 1), (1, 2)]
-    assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, share=0.7)) == [(1, 2)]
+    hp = KNHParams(threshold=0.2, share=0.6, neurons=None)
+    assert sorted(KnowledgeNeurons.select(scores, hp)[0]) == [(0, 1), (1, 2)]
+    assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, share=0.7, neurons=None)) == ([(1, 2)], 0.7)
+    # the paper's adaptive p: from 0.7 toward a count in the band, in steps of 0.05
+    assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, neurons=(2, 5))) == ([(0, 1), (1, 2)], 0.65)
+    assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, neurons=(3, 5)))[1] == 0.3  # all three
+    assert KnowledgeNeurons.select(scores, KNHParams(threshold=0.2, neurons=(1, 1))) == ([(1, 2)], 0.7)
+    none_shared = torch.zeros(3, 1, 4)
+    none_shared[0, 0, 0] = none_shared[1, 0, 1] = none_shared[2, 0, 2] = 1.0  # each prompt its own neuron
+    assert KnowledgeNeurons.select(none_shared, KNHParams(neurons=None))[0] == []
+    picked, p = KnowledgeNeurons.select(none_shared, KNHParams(neurons=(2, 5)))
+    assert sorted(picked) == [(0, 0), (0, 1), (0, 2)] and p == 0.3  # nearest 0.7 of the p giving 3 (in the band)
+    with pytest.raises(lmedit.LmeditError, match="band"):
+        lmedit.edit(tiny("llama"), lmedit.EditRequest("The colour of {} is", "grass", " blue", " green"),
+                    method="kn", neurons=(5, 2), apply=False)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D W_out (GELU); Linear W_out (SwiGLU: a_i < 0 occurs)
