@@ -95,9 +95,10 @@ def last_token_activations(model: Any, prompts: Sequence[str], layers: Sequence[
 
 
 def neuron_attributions(model: Any, prompts: Sequence[str], answer_ids: Sequence[int], layers: Sequence[int],
-                        steps: int = 20) -> torch.Tensor:
+                        steps: int = 20, activations: torch.Tensor | None = None) -> torch.Tensor:
     """Integrated gradients ``[len(prompts), len(layers), d_mlp]`` of the MLP neurons of ``layers`` at each
-    prompt's last token for ``P(answer_id | prompt)`` (see the module docstring).
+    prompt's last token for ``P(answer_id | prompt)`` (see the module docstring). ``activations``: the
+    neurons' clean activations (``last_token_activations``) when the caller already has them.
 
     Scaling an activation at the last token changes nothing before it, so the prompts' prefixes run
     once (a KV cache, ``FixedPrefix``) and each layer's ``steps`` points cost one single-token pass;
@@ -107,7 +108,9 @@ def neuron_attributions(model: Any, prompts: Sequence[str], answer_ids: Sequence
     batch = encode(model, list(prompts))
     n, width = batch.input_ids.shape
     paths = [model.spec.path(layer, "mlp_out") for layer in layers]
-    activations = last_token_activations(model, prompts, layers).unbind(1)  # each [n, d_mlp]
+    if activations is None:
+        activations = last_token_activations(model, prompts, layers)
+    per_layer = activations.unbind(1)  # each [n, d_mlp]
     repeat = lambda t: t.repeat_interleave(steps, 0)  # noqa: E731
     points = Batch(repeat(batch.input_ids), repeat(batch.attention_mask), repeat(batch.target_mask),
                    [p for p in batch.prompt_lengths for _ in range(steps)], [t for t in batch.target_lengths for _ in range(steps)])
@@ -119,7 +122,7 @@ def neuron_attributions(model: Any, prompts: Sequence[str], answer_ids: Sequence
     scores: list[torch.Tensor] = [torch.empty(0)] * len(paths)
     with ReplayBelow(blocks, max(model.spec._layer(layer) for layer in layers)) as below:
         for j in sorted(range(len(paths)), key=lambda j: model.spec._layer(layers[j])):
-            a = activations[j]
+            a = per_layer[j]
             scaled = (alphas[None, :, None] * a[:, None, :]).reshape(n * steps, -1).requires_grad_(True)
 
             def swap(t: torch.Tensor, scaled: torch.Tensor = scaled) -> torch.Tensor:
@@ -158,13 +161,14 @@ class KnowledgeNeurons(Method):
                 int(forward_logits(model, encode(model, [request.prompt]), last=1)[0, -1].argmax())
             new = first_token(model, request.prompt, request.target_new)
             with watch("attribution"):
-                scores = neuron_attributions(model, prompts, [old] * len(prompts), hp.layers, hp.steps)
+                activations = last_token_activations(model, prompts, hp.layers)
+                scores = neuron_attributions(model, prompts, [old] * len(prompts), hp.layers, hp.steps, activations)
             neurons, share = self.select(scores, hp)
             if not neurons:
                 raise EditError(f"kn: no knowledge neurons above threshold {hp.threshold} shared by {share:.0%} of the "
                                 f"prompts of {request.prompt!r}; lower threshold or share")
             shares.append(share)
-            signs = last_token_activations(model, prompts, hp.layers).mean(0).sign().double() if hp.signed else None
+            signs = activations.mean(0).sign().double() if hp.signed else None
             change = (hp.enhance * unembed[new] - hp.erase * unembed[old]).detach().double()
             for layer_index in sorted({li for li, _ in neurons}):  # per layer, the rank-one change · s_Sᵀ
                 indicator = torch.zeros(model.spec.mlp_size, dtype=torch.float64, device=change.device)
