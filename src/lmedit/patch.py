@@ -63,6 +63,12 @@ class Component:
         raise NotImplementedError
 
 
+def weight_plus_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` as every patch writes it: summed in float32, stored in the weight's dtype. Anything that
+    must reproduce an applied patch bit for bit (a resumed sequential run) forms the sum here."""
+    return (weight.float() + delta).to(weight.dtype)
+
+
 @dataclass(eq=False)
 class WeightDelta(Component):
     """``W ← W + ΔW`` for one parameter, with ``ΔW`` dense or low-rank (``ΔW = left @ right``).
@@ -93,7 +99,7 @@ class WeightDelta(Component):
                              f"parameter {tuple(p.shape)}")
         self._backup = p.detach().clone()
         with torch.no_grad():
-            p.copy_((p.float() + delta).to(p.dtype))
+            p.copy_(weight_plus_delta(p, delta))
 
     def revert(self, model: Any) -> None:
         if self._backup is None:

@@ -19,7 +19,7 @@ from lmedit.adaptors import adaptors
 from lmedit.adaptors import restore as restore_adaptors
 from lmedit.adaptors import snapshot as snapshot_adaptors
 from lmedit.errors import EvalError
-from lmedit.patch import EditedKeys, Patch, WeightDelta, edited_keys
+from lmedit.patch import EditedKeys, Patch, WeightDelta, edited_keys, weight_plus_delta
 
 if TYPE_CHECKING:
     from lmedit.evaluate.runner import _Run
@@ -105,7 +105,7 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
     """Save the accumulated edit as one patch of ``W_now − W_original`` deltas, then the progress mark.
 
     The live weights are then snapped to ``W_original + Δ`` with the arithmetic a resume applies
-    (:meth:`WeightDelta.apply`): ``W₀ + Σ dᵢ`` accumulated edit by edit and ``W₀ + (W − W₀)`` differ by
+    (``patch.weight_plus_delta``): ``W₀ + Σ dᵢ`` accumulated edit by edit and ``W₀ + (W − W₀)`` differ by
     rounding, so without the snap a resumed run would drift from an uninterrupted one, and caches keyed on
     the exact weights (the value store's v*) would miss after every resume."""
     deltas: list[Any] = []
@@ -113,7 +113,7 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
         for name, original in originals.items():
             live = model.parameter(name)
             delta = live.detach().float() - original.float()
-            live.copy_((original.float() + delta).to(live.dtype))
+            live.copy_(weight_plus_delta(original, delta))
             deltas.append(WeightDelta(name, delta.cpu()))
     params = dict.fromkeys(c.param for c in model.cache.get("edited_keys", []))
     deltas += [EditedKeys(param, edited_keys(model, param)) for param in params]  # type: ignore[arg-type]
