@@ -125,7 +125,7 @@ def _memit(model, requests, stats_tokens: int) -> None:
     total = time.perf_counter() - start
     print(f"MEMIT, one batch of {len(requests)}: {total:.1f} s ({total / len(requests):.2f} s per edit); "
           + ", ".join(f"{k} {v:.1f}" for k, v in patch.info["timing"].items())
-          + f"; v* steps {patch.info['v_steps']}")
+          + f"; v* steps per edit: mean {statistics.mean(patch.info['v_steps']):.1f}, max {max(patch.info['v_steps'])}")
 
 
 if __name__ == "__main__":

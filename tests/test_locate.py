@@ -118,6 +118,19 @@ def test_emmet_update_is_exact_and_reduces_to_rome():
     torch.testing.assert_close(l1 @ r1, torch.outer(d, u))
 
 
+def test_relaxed_emmet_is_memit_with_lambda_equal_to_mu():
+    """``Rᵀ (K C⁻¹ Kᵀ + μI)⁻¹ K C⁻¹ = Rᵀ K (μC + KᵀK)⁻¹`` (push-through identity): EMMET's relaxation μ
+    plays exactly MEMIT's λ, so a large batch that EMMET over-fits is MEMIT's problem at a small λ."""
+    C, K, R = _spd(30), torch.randn(12, 30, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    collide = 0.3
+    gram_diag = (K @ torch.linalg.solve(C, K.T)).diagonal().mean()
+    left, right = solvers.emmet_update(C, K, R, ridge=0.0, collide=collide)
+    l2, r2 = solvers.memit_update(C, K, R, weight=float(collide * gram_diag), ridge=0.0)
+    torch.testing.assert_close(left @ right, l2 @ r2)
+    exact_l, exact_r = solvers.emmet_update(C, K, R, ridge=0.0)
+    assert not torch.allclose(exact_l @ exact_r, left @ right)  # μ does relax the equalities
+
+
 def test_every_key_readout_writes_delta_at_each_key_and_reduces_to_rome():
     C, K = _spd(30, seed=1), torch.randn(5, 30, dtype=torch.float64)
     u = solvers.every_key_readout(C, K, ridge=0.0)
@@ -299,6 +312,8 @@ def test_memit_family_edits_are_reversible(method, arch, keys, tmp_path, monkeyp
     assert len(weights) == 2 and all(min(c.left.shape[1], c.right.shape[0]) == rank for c in weights)
     residuals = patch.info["residual_norms"]
     assert residuals[-1] < residuals[0]  # the updates realise part of the wanted change
+    steps = patch.info["v_steps"]  # one entry per request (its v* group's), so each case record gets its own
+    assert len(steps) == len(requests) and all(isinstance(s, int) and 0 < s <= 60 for s in steps)
     with patch.applied(model):
         after = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
                                                                            [r.target_new for r in requests])]

@@ -248,7 +248,8 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
     ``sites`` are roles of block ``layer`` whose output receives ``δ`` (``"mlp_out"``: ROME's MLP value;
     ``"block"``: MEMIT's residual stream; ``("attn_out", "mlp_out")``: PMET's joint optimisation). Weight
     decay and the norm clamp apply per site, relative to that site's original output.
-    Returns ``(δ [S, R, d], v̄ [S, R, d], info)`` with ``v̄`` the mean original output over the templates;
+    Returns ``(δ [S, R, d], v̄ [S, R, d], info)`` with ``v̄`` the mean original output over the templates
+    and ``info`` each request's steps, final NLL and target probability (a request's steps are its group's);
     requests are optimised in groups of ``cfg.group``, formed after sorting them by the number of tokens
     from the subject's last token to the end of the target (``_suffix_tokens``): a step runs only the
     positions from the group's earliest subject on (``FixedPrefix``), so groups of like suffixes waste
@@ -276,7 +277,8 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
     back = torch.tensor(order).argsort()  # sorted position of each request
     nll = [x for p in parts for x in p[2]["nll"]]
     prob = [x for p in parts for x in p[2]["prob"]]
-    info = {"steps": [p[2]["steps"] for p in parts], "nll": [nll[k] for k in back.tolist()],
+    steps = [p[2]["steps"] for p in parts for _ in p[2]["prob"]]  # each request: its group's steps
+    info = {"steps": [steps[k] for k in back.tolist()], "nll": [nll[k] for k in back.tolist()],
             "prob": [prob[k] for k in back.tolist()]}
     delta = torch.cat([p[0] for p in parts], dim=1)[:, back.to(parts[0][0].device)]
     v_bar = torch.cat([p[1] for p in parts], dim=1)[:, back.to(parts[0][1].device)]
