@@ -615,3 +615,43 @@ def test_values_grouped_by_suffix_come_back_in_request_order(tmp_path, monkeypat
     assert groups == [[1, 3], [2, 0]]  # shortest suffixes together
     assert delta[0, :, 0].tolist() == [0, 1, 2, 3] and v_bar[0, :, 0].tolist() == [10, 11, 12, 13]
     assert info["prob"] == [0, 1, 2, 3]
+
+
+def test_value_cache_key_follows_sparse_and_memory_edits(tmp_path, monkeypatch):
+    """Cached v* are served only for the model state they were computed on: a change to one column of
+    ``W_out`` (a KN edit; the strided weight samples skip odd columns here) and a GRACE memory both move
+    the key, and reverting them restores it."""
+    from lmedit.methods import value_cache
+    from lmedit.patch import Patch, WeightDelta
+
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    cfg = keyvalue.ValueConfig(lr=0.5, steps=5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
+                               stop_prob=0.99, group=1, cache=True)
+
+    def state() -> str:
+        return value_cache.ValueStore(model, 1, ["{}"], cfg, ["mlp_out"]).state
+
+    clean = state()
+    param = f"{model.spec.path(1, 'mlp_out')}.weight"
+    delta = torch.zeros_like(model.parameter(param))
+    delta[:, 1] = 0.1  # one neuron's value vector
+    column = Patch("kn", {}, [], model.fingerprint, [WeightDelta(param, delta)]).apply(model)
+    edited = state()
+    with monkeypatch.context() as m:  # the weight samples alone would have served the clean model's v*
+        m.setattr(value_cache, "edit_digest", lambda model: None)
+        assert state() == clean
+    assert edited != clean
+    column.revert()
+    assert state() == clean
+
+    request = lmedit.EditRequest("The colour of {} is ", "grass", "Z")
+    first = lmedit.edit(model, [request], method="grace", layer=1).apply(model)
+    one_entry = state()
+    second = lmedit.edit(model, [lmedit.EditRequest("The size of {} is ", "a house", "Q")], method="grace",
+                         layer=1).apply(model)
+    assert len({clean, one_entry, state()}) == 3  # the same adaptor path, other contents: another key
+    second.revert()
+    assert state() == one_entry
+    first.revert()
+    assert state() == clean

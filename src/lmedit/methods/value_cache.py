@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lmedit.adaptors import adaptors
 from lmedit.models.bundled import cache_dir
 from lmedit.requests import EditRequest
 
@@ -15,9 +16,11 @@ class ValueStore:
     """On-disk cache of optimised values per group of requests, so a long mass edit that is killed
     resumes where it stopped (and MEMIT / EMMET / AlphaEdit runs with the same settings share them).
 
-    Keyed by the model's *current* weights (an exact hash of strided float32 samples of every
-    parameter, plus its adaptors), the layer, sites, templates, settings and the requests themselves;
-    stored under ``$LMEDIT_CACHE/values/``.
+    Keyed by the model's *current* state, the layer, sites, templates, settings and the requests
+    themselves; stored under ``$LMEDIT_CACHE/values/``. The state is a hash of 4,096 strided float32
+    samples of every parameter (which any dense change moves: fine-tuning, rank-one and least-squares
+    updates) and of ``edit_digest``: the applied patches and the adaptors in full (which a change to a few
+    of ``W_out``'s columns — a KN edit — or to a side memory would slip past the samples).
     """
 
     def __init__(self, model: Any, layer: int, templates: Sequence[str], cfg: Any, sites: Sequence[str]) -> None:
@@ -27,6 +30,9 @@ class ValueStore:
             h.update(name.encode())
             h.update(flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
         h.update(repr(sorted(model.cache.get("adaptors", {}))).encode())
+        digest = edit_digest(model)
+        if digest is not None:  # (an unedited model's keys are those of earlier versions: caches stay valid)
+            h.update(digest)
         h.update(json.dumps([layer, list(templates), list(sites), getattr(model, "doc_start", None),
                              {k: v for k, v in vars(cfg).items()  # (an unset prompt_share keeps older keys)
                               if k not in ("group", "cache") and not (k == "prompt_share" and v is None)}]).encode())
@@ -47,3 +53,19 @@ class ValueStore:
         tmp = path.with_suffix(".tmp")
         torch.save(value, tmp)
         tmp.replace(path)
+
+
+def edit_digest(model: Any) -> bytes | None:
+    """A hash of every patch applied to ``model`` (not committed) and of every adaptor's whole state, by
+    their components' manifests and tensors; ``None`` when there is neither."""
+    components = [c for patch in model.applied for c in patch.components]
+    components += [a.as_component() for _, a in sorted(adaptors(model).items())]
+    if not components:
+        return None
+    h = hashlib.sha256()
+    for component in components:
+        h.update(json.dumps([component.kind, component.manifest()], sort_keys=True, default=str).encode())
+        for name, tensor in sorted(component.tensors().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.digest()
