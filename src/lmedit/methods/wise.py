@@ -23,6 +23,13 @@ ceiling α = 5 is out of reach (a trained side memory activates at 30–80 on un
 its gradient fights the edit (one ZsRE edit: NLL 0.36, unrelated 34 vs in-scope 49 after 70 steps);
 lmedit's defaults α = 20, β = 60, γ = 20 separate them (NLL 0.24, unrelated 17 vs in-scope 97).
 
+**Step size.** At the paper's lr 1.0 the descent on ``τ`` swings with period 2 on SmolLM2-135M: over
+the first three sequential ZsRE edits (retrieve mode) the loss alternates between ~12 and ~110 for all 70
+steps and ends wherever step 70 falls (74, 111 and 62); at lr 0.25 it falls monotonically, its margin terms
+met by step ~10, to 0.1–0.6 at step 70 (the target's NLL). After 10 edits the two score alike (Rel. / Gen. /
+Loc. 0.95 / 0.91 / 1.00 at lr 1.0, 0.95 / 0.94 / 1.00 at 0.25); the published lr stays the default until a
+longer run decides (``runs/smollm2-135m-zsre-wise-retrieve-lr0.25-sequential-1000``).
+
 **Rehearsal (lmedit's addition).** All edits of a shard train the same masked entries of ``τ``, so
 each new edit moves the outputs of the shard's earlier edits: on SmolLM2-135M (ρ = 0.2; a 576×1536 ``W_out``,
 50× smaller than Llama-2-7B's) 20 sequential ZsRE edits end with the first ten at token accuracy 0.61
