@@ -24,8 +24,8 @@ its gradient fights the edit (one ZsRE edit: NLL 0.36, unrelated 34 vs in-scope 
 lmedit's defaults α = 20, β = 60, γ = 20 separate them (NLL 0.24, unrelated 17 vs in-scope 97).
 
 **Step size.** At the paper's lr 1.0 the descent on ``τ`` swings with period 2 on SmolLM2-135M: over
-the first three sequential ZsRE edits (retrieve mode) the loss alternates between ~12 and ~110 for all 70
-steps and ends wherever step 70 falls (74, 111 and 62); at lr 0.25 it falls almost monotonically, from 11–82
+the first three sequential ZsRE edits (retrieve mode) the loss alternates step by step between a low and a
+high value for all 70 steps (46 / 74, 12 / 111 and 46 / 62 at the end) and ends wherever step 70 falls; at lr 0.25 it falls almost monotonically, from 11–82
 to ≤ 2.3 by step 10 (the margins nearly met) and 0.1–0.6 at step 70, mostly the target's NLL. After 10
 edits the two score alike (Rel. / Gen. / Loc. 0.95 / 0.91 / 1.00 at lr 1.0, 0.95 / 0.94 / 1.00 at 0.25); the
 published lr stays the default until a longer run decides (``runs/smollm2-135m-zsre-wise-retrieve-lr0.25-sequential-1000``).
