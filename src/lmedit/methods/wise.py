@@ -25,8 +25,8 @@ lmedit's defaults α = 20, β = 60, γ = 20 separate them (NLL 0.24, unrelated 1
 
 **Step size.** At the paper's lr 1.0 the descent on ``τ`` swings with period 2 on SmolLM2-135M: over
 the first three sequential ZsRE edits (retrieve mode) the loss alternates step by step between a low and a
-high value for all 70 steps (46 / 74, 12 / 111 and 46 / 62 at the end) and ends wherever step 70 falls; at lr 0.25 it falls almost monotonically, from 11–82
-to ≤ 2.3 by step 10 (the margins nearly met) and 0.1–0.6 at step 70, mostly the target's NLL. After 10
+high value for all 70 steps (46 / 74, 12 / 111 and 46 / 62 at the end) and ends wherever step 70 falls;
+at lr 0.25 it falls almost monotonically, from 11–82 to ≤ 2.3 by step 10 (the margins nearly met) and 0.1–0.6 at step 70, mostly the target's NLL. After 10
 edits the two score alike (Rel. / Gen. / Loc. 0.95 / 0.91 / 1.00 at lr 1.0, 0.95 / 0.94 / 1.00 at 0.25); after
 100, lr 0.25 leads on token accuracy (0.90 / 0.81 / 1.00 against 0.86 / 0.80 / 1.00, efficacy 0.98 against 0.95)
 and trails on exact match (0.59 / 0.43 against 0.63 / 0.49): the early edits hold better, the latest are
