@@ -23,14 +23,14 @@ ceiling α = 5 is out of reach (a trained side memory activates at 30–80 on un
 its gradient fights the edit (one ZsRE edit: NLL 0.36, unrelated 34 vs in-scope 49 after 70 steps);
 lmedit's defaults α = 20, β = 60, γ = 20 separate them (NLL 0.24, unrelated 17 vs in-scope 97).
 
-**Step size.** At the paper's lr 1.0 the descent on ``τ`` swings with period 2 on SmolLM2-135M: over
-the first three sequential ZsRE edits (retrieve mode) the loss alternates step by step between a low and a
-high value for all 70 steps (46 / 74, 12 / 111 and 46 / 62 at the end) and ends wherever step 70 falls;
-at lr 0.25 it falls almost monotonically, from 11–82 to ≤ 2.3 by step 10 (the margins nearly met) and 0.1–0.6 at step 70, mostly the target's NLL. After 10
-edits the two score alike (Rel. / Gen. / Loc. 0.95 / 0.91 / 1.00 at lr 1.0, 0.95 / 0.94 / 1.00 at 0.25); after
-100, lr 0.25 leads on token accuracy (0.90 / 0.81 / 1.00 against 0.86 / 0.80 / 1.00, efficacy 0.98 against 0.95)
-and trails on exact match (0.59 / 0.43 against 0.63 / 0.49): the early edits hold better, the latest are
-written a little less. Neither wins outright, so the published lr stays the default
+**Step size.** At the paper's lr 1.0 the descent on ``τ`` swings with period 2 on SmolLM2-135M: over the first
+three sequential ZsRE edits (retrieve mode) the loss alternates step by step between a low and a high value for all
+70 steps (46 / 74, 12 / 111 and 46 / 62 at the end) and ends wherever step 70 falls; at lr 0.25 it falls almost
+monotonically, from 11–82 to ≤ 2.3 by step 10 (the margins nearly met) and 0.1–0.6 at step 70, mostly the target's
+NLL. After 10 edits the two score alike (Rel. / Gen. / Loc. 0.95 / 0.91 / 1.00 at lr 1.0, 0.95 / 0.94 / 1.00 at
+0.25); after 100, lr 0.25 leads on token accuracy (0.90 / 0.81 / 1.00 against 0.86 / 0.80 / 1.00, efficacy 0.98
+against 0.95) and trails on exact match (0.59 / 0.43 against 0.63 / 0.49): the early edits hold better, the latest
+are written a little less. Neither wins outright, so the published lr stays the default
 (``runs/smollm2-135m-zsre-wise-retrieve-lr0.25-sequential-1000`` continues toward T = 1,000).
 
 **Rehearsal (lmedit's addition).** All edits of a shard train the same masked entries of ``τ``, so
