@@ -2,7 +2,7 @@
 # The evaluation tables of the evaluation-harness issue: unedited baselines and FT-M (single and
 # sequential) on 500 CounterFact and 500 ZsRE cases, for the bundled models. Every run is resumable:
 # re-running this script continues where it stopped. Results: runs/<name>/summary.md; all together:
-#   lmedit report runs/*
+#   lmedit report runs/*/
 # usage: benchmarks/eval_tables.sh [smollm2-135m gemma3-270m]
 set -euo pipefail
 models=${*:-smollm2-135m gemma3-270m}
@@ -20,4 +20,4 @@ for model in $models; do
       --checkpoints 1,10,100 --out "runs/$model-$data-ft-m-sequential" --resume
   done
 done
-lmedit report runs/*
+lmedit report runs/*/

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single-edit tables of the locate-then-edit methods (and FT-M for reference) on the first N
 # CounterFact / ZsRE cases. Resumable: re-running continues every run where it stopped.
-#   N=100 benchmarks/locate_tables.sh smollm2-135m        then: lmedit report runs/*
+#   N=100 benchmarks/locate_tables.sh smollm2-135m        then: lmedit report runs/*/
 set -euo pipefail
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
@@ -19,4 +19,4 @@ for model in $models; do
     done
   done
 done
-lmedit report runs/*
+lmedit report runs/*/

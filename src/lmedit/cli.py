@@ -6,7 +6,7 @@
     lmedit edit --prompt "The capital of {} is" --subject France --target " Rome" [--save DIR]
     lmedit apply DIR --prompt ...      load a saved patch, apply it, generate
     lmedit eval --data counterfact --method ft-m --n 100 --protocol single
-    lmedit report runs/*               several runs as one table
+    lmedit report runs/*/              several runs as one table
     lmedit trace -p ... -s SUBJECT     causal trace (which states carry the fact), optional heatmap
     lmedit locate -p ... -s SUBJECT    edit layers suggested by an MLP causal trace
     lmedit lens -p ...                 logit lens (top tokens per layer), optional heatmap
