@@ -314,3 +314,20 @@ def test_multihop_record_edits_then_reverts(model):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
     unedited = multihop_record(model, None, case, max_new_tokens=4)
     assert unedited["multihop_acc"] == 1.0 and unedited["answers"] == [answer]
+
+
+def test_report_command_skips_paths_that_are_not_runs(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmedit.cli import app
+
+    evaluate(model, None, _requests(model), out_dir=tmp_path / "run", progress=False)
+    (tmp_path / "README.md").write_text("not a run")
+    runner = CliRunner()
+    out = runner.invoke(app, ["report", str(tmp_path / "README.md"), str(tmp_path / "run")])
+    assert out.exit_code == 0 and "none (unedited) |" in out.stdout
+    assert "skipped:" in out.stderr and "README.md is not an evaluation run" in out.stderr
+    alone = runner.invoke(app, ["report", str(tmp_path / "README.md")])  # one path that is no run: an error
+    assert isinstance(alone.exception, EvalError) and "is not an evaluation run" in str(alone.exception)
+    none = runner.invoke(app, ["report", str(tmp_path / "README.md"), str(tmp_path / "missing")])
+    assert isinstance(none.exception, EvalError) and "none of the 2 paths" in str(none.exception)

@@ -190,11 +190,25 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
            plot: Optional[str] = typer.Option(None, "--plot", help="write the lifelong runs' curves (Rel., Gen., Loc. "
                                               "against T, a line per run) to this .png"),
            as_json: bool = JsonOpt) -> None:
-    """Print several evaluation runs side by side as one table (method rows, metric columns)."""
+    """Print several evaluation runs side by side as one table (method rows, metric columns).
+
+    Of several paths (a shell glob such as ``runs/*``), those that are not runs are skipped with a
+    line on stderr; a single path that is not a run, or none that is, is an error."""
+    from lmedit.errors import EvalError
     from lmedit.evaluate import load_report, markdown_table, plot_comparison
     from lmedit.evaluate import resummarize as recompute
 
-    reports = [recompute(d) if resummarize else load_report(d) for d in directories]
+    found: list[tuple[str, Any]] = []
+    for d in directories:
+        try:
+            found.append((d, recompute(d) if resummarize else load_report(d)))
+        except EvalError as e:
+            if len(directories) == 1:
+                raise
+            typer.echo(f"skipped: {e}", err=True)
+    if not found:
+        raise EvalError(f"none of the {len(directories)} paths is an evaluation run")
+    directories, reports = [d for d, _ in found], [r for _, r in found]
     text = markdown_table(reports)
     if plot:
         plot_comparison(reports, plot)
