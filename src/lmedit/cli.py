@@ -208,12 +208,12 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
             typer.echo(f"skipped: {e}", err=True)
     if not found:
         raise EvalError(f"none of the {len(directories)} paths is an evaluation run")
-    directories, reports = [d for d, _ in found], [r for _, r in found]
+    reports = [r for _, r in found]
     text = markdown_table(reports)
     if plot:
         plot_comparison(reports, plot)
         text += f"\ncurves written to {plot}"
-    _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in zip(directories, reports)]},
+    _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in found]},
           text)
 
 
