@@ -101,10 +101,10 @@ def test_grace_on_smollm2_sequential_edits():
 
 @pytest.mark.real
 def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
-    from lmedit.data import data_dir
     from lmedit.scoring import generate
+    from lmedit.stats import default_corpus
 
-    if data_dir() is None:  # sampled from the model instead, the unrelated inputs let the Colosseum prompt in
+    if default_corpus() is None:  # sampled from the model instead, the unrelated inputs let the Colosseum prompt in
         pytest.skip("WISE's default unrelated inputs are the benchmark data's Wikipedia passages")
     model = lmedit.load_model("smollm2-135m")
     requests = [lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome"),
