@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Mass editing: the first N CounterFact cases written in ONE batch by each method (MEMIT, EMMET),
-# with the unedited baseline over the same N cases. Resumable: v* is cached on disk per group of 8
-# requests ($LMEDIT_CACHE/values/), so a killed run continues at the first missing group and EMMET
-# reuses MEMIT's v*.
+# with the unedited baseline over the same N cases. Resumable: each request's v* is cached on disk
+# ($LMEDIT_CACHE/values/), so a killed run continues with the requests not yet optimised, and EMMET
+# reuses MEMIT's v* (as does a batch after single-edit runs of the same cases with the same settings).
 #   benchmarks/mass_tables.sh gemma3-270m          then: lmedit report runs/*-counterfact-*-1000/
 set -euo pipefail
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)

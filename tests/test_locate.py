@@ -590,6 +590,33 @@ def test_value_store_resumes_a_killed_mass_edit(tmp_path, monkeypatch):
         torch.testing.assert_close(a.dense(), b.dense())
 
 
+def test_cached_values_serve_single_and_batched_edits_alike(tmp_path, monkeypatch):
+    """v* is cached per request: values optimised for one-at-a-time edits are reused by a batch edit of the
+    same requests (only the request not seen before is optimised), and give the same update."""
+    import lmedit.methods.keyvalue as kv
+
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    requests = [lmedit.EditRequest(f"The colour of {s}", s, " Z") for s in ("grass", "snow", "coal")]
+    hp = dict(layers=(0, 1), **FAST)
+    for request in requests[:2]:
+        lmedit.edit(model, [request], method="memit", **hp)
+    optimised = []
+    real = kv._optimize_group
+
+    def counting(model, layer, group, *args, **kwargs):
+        optimised.extend(r.subject for r in group)
+        return real(model, layer, group, *args, **kwargs)
+
+    monkeypatch.setattr(kv, "_optimize_group", counting)
+    cached = lmedit.edit(model, requests, method="memit", **hp)
+    assert optimised == ["coal"]
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "empty"))
+    fresh = lmedit.edit(model, requests, method="memit", **hp)
+    for a, b in zip(cached.components, fresh.components):
+        torch.testing.assert_close(a.dense(), b.dense(), rtol=1e-4, atol=1e-6)
+
+
 def test_values_grouped_by_suffix_come_back_in_request_order(tmp_path, monkeypatch):
     """Groups are formed from requests sorted by suffix length (so a group's rows share most of their
     fixed prefix); the values come back in the requests' own order."""
@@ -607,7 +634,7 @@ def test_values_grouped_by_suffix_come_back_in_request_order(tmp_path, monkeypat
         groups.append([requests.index(r) for r in group])
         ids = torch.tensor([float(requests.index(r)) for r in group])
         value = ids[None, :, None].expand(1, len(group), 3).clone()
-        return value, value + 10, {"steps": 0, "nll": ids.tolist(), "prob": ids.tolist()}
+        return value, value + 10, {"steps": [0] * len(group), "nll": ids.tolist(), "prob": ids.tolist()}
 
     monkeypatch.setattr(keyvalue, "_optimize_group", marked)
     cfg = replace(lmedit.get_method("rome").hparams.value_config(), group=2)
@@ -615,6 +642,26 @@ def test_values_grouped_by_suffix_come_back_in_request_order(tmp_path, monkeypat
     assert groups == [[1, 3], [2, 0]]  # shortest suffixes together
     assert delta[0, :, 0].tolist() == [0, 1, 2, 3] and v_bar[0, :, 0].tolist() == [10, 11, 12, 13]
     assert info["prob"] == [0, 1, 2, 3]
+
+
+def test_values_optimised_in_a_group_equal_those_optimised_alone(tmp_path, monkeypatch):
+    """A request that converges first is frozen while the rest of its group goes on, so grouping changes
+    nothing but speed: each δ, its steps and its probability are those of the request optimised alone."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    model = tiny("llama")
+    requests = [lmedit.EditRequest("The capital of {} is", "France", " Z"),
+                lmedit.EditRequest("{} plays", "Messi", " golf and chess"),
+                lmedit.EditRequest("The colour of {} is", "grass", " blue")]
+    cfg = keyvalue.ValueConfig(lr=1.0, steps=40, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=100.0,
+                               stop_prob=0.005, group=3, cache=False)  # (a random tiny model: low probabilities)
+    templates = keyvalue.context_templates(model, [(4, 2)])
+    delta, _, info = keyvalue.optimize_values(model, 0, requests, templates, cfg)
+    assert info["steps"][0] < 40 and info["prob"][0] > 0.005  # the first converges while the others go on
+    for i, request in enumerate(requests):
+        alone, _, one = keyvalue.optimize_values(model, 0, [request], templates, replace(cfg, group=1))
+        assert one["steps"][0] == info["steps"][i]
+        torch.testing.assert_close(delta[:, i], alone[:, 0], rtol=1e-4, atol=1e-5)
+        assert abs(one["prob"][0] - info["prob"][i]) < 1e-3
 
 
 def test_value_cache_key_follows_sparse_and_memory_edits(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ class MEMITHParams(LocateHParams):
         mom2_weight: λ, the weight of the corpus keys against the new ones (default: GPT-J's 15,000 per
             its 16,384 key dimensions, times the model's ``d_mlp``; see ``MOM2_PER_KEY_DIM``).
         value_group: requests whose v* are optimised together in one batch (speed and memory only).
-        value_cache: keep each group's optimised values on disk (``value_cache.ValueStore``), so a killed
+        value_cache: keep each request's optimised values on disk (``value_cache.ValueStore``), so a killed
             mass edit resumes without redoing them.
         keys: ``"mean"`` (published): one row per request, its key averaged over the contexts and its
             residual read on the bare prompt; ``"each"``: one row per request and context (its own key and

@@ -13,8 +13,9 @@ from lmedit.requests import EditRequest
 
 
 class ValueStore:
-    """On-disk cache of optimised values per group of requests, so a long mass edit that is killed
-    resumes where it stopped (and MEMIT / EMMET / AlphaEdit runs with the same settings share them).
+    """On-disk cache of each request's optimised values, so a long mass edit that is killed resumes where it
+    stopped, and MEMIT / EMMET / AlphaEdit runs with the same settings share them, edited one at a time or in
+    one batch (a request's v* does not depend on the requests optimised beside it).
 
     Keyed by the model's *current* state, the layer, sites, templates, settings and the requests
     themselves; stored under ``$LMEDIT_CACHE/values/``. The state is a hash of 4,096 strided float32
@@ -39,16 +40,17 @@ class ValueStore:
         self.state = h.hexdigest()[:20]
         self.folder = cache_dir() / "values" / self.state
 
-    def _path(self, group: Sequence[EditRequest]) -> Any:
-        key = hashlib.sha256(json.dumps([r.to_dict() for r in group], sort_keys=True, default=str).encode())
+    def _path(self, request: EditRequest) -> Any:
+        key = hashlib.sha256(json.dumps([request.to_dict()], sort_keys=True, default=str).encode())
         return self.folder / f"{key.hexdigest()[:24]}.pt"
 
-    def get(self, group: Sequence[EditRequest]) -> Any:
-        path = self._path(group)
+    def get(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+        """``(δ [S, 1, d], v̄ [S, 1, d], info)`` of ``request``, or ``None`` when not cached."""
+        path = self._path(request)
         return torch.load(path) if path.exists() else None
 
-    def put(self, group: Sequence[EditRequest], value: Any) -> None:
-        path = self._path(group)
+    def put(self, request: EditRequest, value: tuple[torch.Tensor, torch.Tensor, dict[str, Any]]) -> None:
+        path = self._path(request)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(value, tmp)
