@@ -271,17 +271,17 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
         saved = {j: store.get(requests[j]) for j in members} if store is not None else {}
         missing = [j for j in members if saved.get(j) is None]
         if missing:
-            delta, v_bar, info = _optimize_group(model, layer, [requests[j] for j in missing], templates, cfg, sites,
-                                                 None if readout is None else readout[missing])
+            d, v, got = _optimize_group(model, layer, [requests[j] for j in missing], templates, cfg, sites,
+                                        None if readout is None else readout[missing])
             for k, j in enumerate(missing):
-                saved[j] = (delta[:, k:k + 1].clone(), v_bar[:, k:k + 1].clone(), {key: info[key][k:k + 1] for key in info})
+                saved[j] = (d[:, k:k + 1].clone(), v[:, k:k + 1].clone(), {key: got[key][k:k + 1] for key in got})
                 if store is not None:
                     store.put(requests[j], saved[j])
         parts += [saved[j] for j in members]
     back = torch.tensor(order).argsort()  # sorted position of each request
     nll = [x for p in parts for x in p[2]["nll"]]
     prob = [x for p in parts for x in p[2]["prob"]]
-    steps = [s for p in parts for s in _per_request(p[2]["steps"], len(p[2]["prob"]))]
+    steps = [x for p in parts for x in p[2]["steps"]]
     info = {"steps": [steps[k] for k in back.tolist()], "nll": [nll[k] for k in back.tolist()],
             "prob": [prob[k] for k in back.tolist()]}
     delta = torch.cat([p[0] for p in parts], dim=1)[:, back.to(parts[0][0].device)]
@@ -375,8 +375,3 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
                 delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
                 delta[:, done] = held
     return delta.detach(), v_bar.detach(), final
-
-
-def _per_request(steps: int | list[int], n: int) -> list[int]:
-    """A group's recorded steps, one per request (values cached for a single request hold one int)."""
-    return steps if isinstance(steps, list) else [steps] * n

@@ -47,7 +47,12 @@ class ValueStore:
     def get(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
         """``(δ [S, 1, d], v̄ [S, 1, d], info)`` of ``request``, or ``None`` when not cached."""
         path = self._path(request)
-        return torch.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        delta, v_bar, info = torch.load(path)
+        if isinstance(info["steps"], int):  # written before steps were recorded per request
+            info["steps"] = [info["steps"]]
+        return delta, v_bar, info
 
     def put(self, request: EditRequest, value: tuple[torch.Tensor, torch.Tensor, dict[str, Any]]) -> None:
         path = self._path(request)
