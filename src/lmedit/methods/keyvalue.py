@@ -265,7 +265,9 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
     store = ValueStore(model, layer, templates, cfg, sites) if cfg.cache and readout is None else None
     order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(model, requests[i])) if step > 1 \
         else list(range(len(requests)))
+    from tqdm.auto import tqdm
     parts = []
+    bar = tqdm(total=len(order), unit="request", desc=f"v* at layer {layer}", disable=len(order) <= step)
     for i in range(0, len(order), step):
         members = order[i:i + step]
         saved = {j: store.get(requests[j]) for j in members} if store is not None else {}
@@ -278,6 +280,8 @@ def optimize_values(model: Any, layer: int, requests: Sequence[EditRequest], tem
                 if store is not None:
                     store.put(requests[j], saved[j])
         parts += [saved[j] for j in members]
+        bar.update(len(members))
+    bar.close()
     back = torch.tensor(order).argsort()  # sorted position of each request
     nll = [x for p in parts for x in p[2]["nll"]]
     prob = [x for p in parts for x in p[2]["prob"]]
