@@ -131,6 +131,32 @@ def test_bad_model_names_give_one_line_errors(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_a_full_disk_gives_a_one_line_error_and_no_half_written_cache(tmp_path, monkeypatch):
+    """Converting a GGUF needs ~0.5 GB (SmolLM2) to ~1.1 GB (Gemma 3) of cache: a disk without the room, or one
+    that fills up during the write, must say so in one line and leave the cache empty, not a safetensors traceback."""
+    import shutil
+    from collections import namedtuple
+
+    import lmedit.models.loading as loading
+
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    real_disk_usage = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(loading.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 300 * 2**20, 300 * 2**20))
+    with pytest.raises(ModelLoadError, match=r"needs 0\.\d\d GiB and 0\.29 GiB is free.*LMEDIT_CACHE") as info:
+        lmedit.load_model("smollm2-135m")
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(loading.shutil, "disk_usage", real_disk_usage)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(ModelLoadError, match="the disk filled up while writing it"):
+        lmedit.load_model("smollm2-135m")
+    assert [p for p in (tmp_path / "models").rglob("*") if p.is_file()] == []
+
+
 def test_cli_errors_are_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-m", "lmedit.cli", "edit", "--model", "nope", "--prompt", "The capital of {} is",

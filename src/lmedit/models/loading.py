@@ -316,6 +316,27 @@ def _resolve_source(source: str) -> Path | str:
     return source  # a hub id
 
 
+_TOKENIZER_BYTES = 64 * 2**20  # config, tokenizer.json (Gemma's is ~33 MB) and headroom
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes the converted weights take on disk: each distinct tensor storage once (tied weights count once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.state_dict().values()}
+    return sum(storages.values())
+
+
+def _require_free_space(directory: Path, needed: int, full: bool = False) -> None:
+    """Raise a one-line :class:`ModelLoadError` unless ``directory``'s file system has ``needed`` bytes free
+    (or, with ``full``, because a write there has just failed for lack of space)."""
+    free = shutil.disk_usage(directory).free
+    if full or free < needed:
+        state = "the disk filled up while writing it" if full else f"{free / 2**30:.2f} GiB is free"
+        raise ModelLoadError(
+            f"not enough disk space to cache the converted model in {directory}: it needs {needed / 2**30:.2f} GiB "
+            f"and {state}; free some space or point LMEDIT_CACHE at another disk"
+        )
+
+
 def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
     """Dequantise a GGUF file once into ``target`` (config + safetensors + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -327,6 +348,7 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read the GGUF file {gguf}: {str(e).splitlines()[0]}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
+    _require_free_space(target.parent, _weight_bytes(module) + _TOKENIZER_BYTES)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         config = module.config
@@ -334,7 +356,13 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
             del config.quantization_config  # the weights are dequantised now
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _save_weights(module, tmp / "model.safetensors")
+        try:
+            _save_weights(module, tmp / "model.safetensors")
+        except Exception as e:  # safetensors reports a full disk as its own error type, not OSError
+            if "No space left on device" not in str(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            _require_free_space(target.parent, _weight_bytes(module) + _TOKENIZER_BYTES, full=True)
         meta = {**meta, "format": CACHE_FORMAT, "architecture": type(module).__name__,
                 "fingerprint": weight_fingerprint(module)}
         (tmp / "lmedit.json").write_text(json.dumps(meta, indent=2))
