@@ -325,16 +325,12 @@ def _weight_bytes(module: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _require_free_space(directory: Path, needed: int, full: bool = False) -> None:
-    """Raise a one-line :class:`ModelLoadError` unless ``directory``'s file system has ``needed`` bytes free
-    (or, with ``full``, because a write there has just failed for lack of space)."""
-    free = shutil.disk_usage(directory).free
-    if full or free < needed:
-        state = "the disk filled up while writing it" if full else f"{free / 2**30:.2f} GiB is free"
-        raise ModelLoadError(
-            f"not enough disk space to cache the converted model in {directory}: it needs {needed / 2**30:.2f} GiB "
-            f"and {state}; free some space or point LMEDIT_CACHE at another disk"
-        )
+def _no_room(directory: Path, needed: int, state: str) -> ModelLoadError:
+    """The one-line error for a cache directory without ``needed`` bytes of room (``state`` says what was seen)."""
+    return ModelLoadError(
+        f"not enough disk space to cache the converted model in {directory}: it needs {needed / 2**30:.2f} GiB "
+        f"and {state}; free some space or point LMEDIT_CACHE at another disk"
+    )
 
 
 def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
@@ -348,7 +344,9 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read the GGUF file {gguf}: {str(e).splitlines()[0]}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    _require_free_space(target.parent, _weight_bytes(module) + _TOKENIZER_BYTES)
+    needed, free = _weight_bytes(module) + _TOKENIZER_BYTES, shutil.disk_usage(target.parent).free
+    if free < needed:
+        raise _no_room(target.parent, needed, f"{free / 2**30:.2f} GiB is free")
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         config = module.config
@@ -361,8 +359,7 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
         except Exception as e:  # safetensors reports a full disk as its own error type, not OSError
             if "No space left on device" not in str(e):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            _require_free_space(target.parent, _weight_bytes(module) + _TOKENIZER_BYTES, full=True)
+            raise _no_room(target.parent, needed, "the disk filled up while writing it") from None
         meta = {**meta, "format": CACHE_FORMAT, "architecture": type(module).__name__,
                 "fingerprint": weight_fingerprint(module)}
         (tmp / "lmedit.json").write_text(json.dumps(meta, indent=2))
