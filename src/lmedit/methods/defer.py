@@ -9,6 +9,10 @@ and minimises, with Adam (adaptor lr 5e-4, gate lr 1e-3, 50 steps),
     L = NLL(y | x_e) + BCE(g, 1) on x_e's positions from its last prompt token on
                      + BCE(g, 0) on every position of unrelated sentences x_irr.
 
+Only the gate and adaptor on ``W_out``'s output train, so the keys ``a`` (``W_out``'s inputs) stay fixed:
+the unrelated sentences enter the loss only through ``g(a)`` and are run once, up to ``W_out``; only the
+edit rows, which need the target's NLL, run every step (from the edited layer up, the blocks below replayed).
+
 The reference toolkit's Llama-2 setting (lr 7e-5, 100 steps, for an adaptor initialised at random)
 leaves a SmolLM2 ZsRE edit unlearned (target NLL 0.78 after 100 steps); from the ``W_out`` copy,
 lr 5e-4 reaches NLL 0.01–0.13 in 50 steps. The gate and adaptor are shared by all edits and trained further by each new one (without replay),
@@ -24,14 +28,13 @@ import torch
 
 from lmedit.adaptors import Adaptor, adaptors, get_or_attach
 from lmedit.errors import EditError, PatchError
-from lmedit.hooks import Hooks, ReplayBelow
+from lmedit.hooks import ReplayBelow, read_module
 from lmedit.methods.base import HParams, Method, Stopwatch
-from lmedit.methods.keyvalue import _encode_mixed
 from lmedit.methods.unrelated import sample_per_request, unrelated_sentences
 from lmedit.models.spec import get_module, is_conv1d
 from lmedit.patch import COMPONENTS, Component
 from lmedit.requests import EditRequest
-from lmedit.scoring import target_logprobs
+from lmedit.scoring import encode, target_logprobs
 
 STATE = ("gate_w", "gate_b", "value_w", "value_b")
 
@@ -199,21 +202,13 @@ class DEFER(Method):
                requests: Sequence[EditRequest], current: DeferralAdaptor | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         device = model.device
         pool = list(hp.irrelevant) if hp.irrelevant else unrelated_sentences(model, hp.corpus)
-        prompts: list[str] = [r.prompt for r in requests]
-        targets: list[str | None] = [r.target_new for r in requests]
-        for sample in sample_per_request(requests, pool, hp.n_irrelevant, hp.seed):
-            prompts.extend(sample)
-            targets.extend([None] * len(sample))
-        batch = _encode_mixed(model, prompts, targets).to(device)
-        n = len(requests)
-        width = batch.input_ids.shape[1]
-        label = torch.full(batch.input_ids.shape, -1.0, device=device)  # -1: no gate label
-        for b in range(len(prompts)):
-            if b < n:  # from the last prompt token to the end (the positions that produce the target)
-                label[b, width - batch.target_lengths[b] - 1:] = 1.0
-            else:
-                label[b] = torch.where(batch.attention_mask[b] > 0, 0.0, -1.0)
-        is_edit = torch.arange(len(prompts), device=device) < n
+        edit = encode(model, [r.prompt for r in requests], [r.target_new for r in requests]).to(device)
+        unrelated = [s for sample in sample_per_request(requests, pool, hp.n_irrelevant, hp.seed) for s in sample]
+        width = edit.input_ids.shape[1]
+        gate_on = torch.zeros(edit.input_ids.shape, dtype=torch.bool, device=device)
+        for b, n_target in enumerate(edit.target_lengths):  # from the last prompt token to the end
+            gate_on[b, width - n_target - 1:] = True
+        n_target_tokens = edit.target_mask.sum(1).clamp(min=1)
         params = {k: v.to(device).clone().requires_grad_(True) for k, v in start.items()}
         optimizer = torch.optim.Adam([
             {"params": [params["gate_w"], params["gate_b"]], "lr": hp.gate_lr},
@@ -223,7 +218,13 @@ class DEFER(Method):
             current.detach()  # training replaces the layer output itself
         loss = nll = bce = torch.zeros(())
         try:
-            with Hooks(model.module) as hooks, ReplayBelow(blocks, model.spec._layer(hp.layer)), torch.enable_grad():
+            off_keys = torch.zeros(0, start["gate_w"].shape[0], device=device)
+            if unrelated:
+                other = encode(model, unrelated).to(device)
+                with torch.no_grad():
+                    off_keys = read_module(model, other, path).float()[other.attention_mask > 0]
+            labels = torch.cat([torch.ones(int(gate_on.sum()), device=device), torch.zeros(len(off_keys), device=device)])
+            with ReplayBelow(blocks, model.spec._layer(hp.layer)), torch.enable_grad():
                 gates: dict[str, torch.Tensor] = {}
 
                 def mix(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -237,10 +238,9 @@ class DEFER(Method):
                 handle = module.register_forward_hook(lambda _m, args, out: mix(args[0], out))
                 try:
                     for _ in range(hp.steps):
-                        logp = target_logprobs(model, batch)
-                        nll = -(logp.sum(1) / batch.target_mask.sum(1).clamp(min=1))[is_edit].mean()
-                        labelled = label >= 0
-                        bce = torch.nn.functional.binary_cross_entropy(gates["g"][labelled], label[labelled])
+                        nll = -(target_logprobs(model, edit).sum(1) / n_target_tokens).mean()
+                        g_off = torch.sigmoid(off_keys @ params["gate_w"] + params["gate_b"])
+                        bce = torch.nn.functional.binary_cross_entropy(torch.cat([gates["g"][gate_on], g_off]), labels)
                         loss = nll + bce
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
