@@ -610,6 +610,23 @@ def test_as_requests_rejects_non_requests_with_request_error(bad):
         as_requests(bad)
 
 
+@pytest.mark.parametrize("method, bad, message", [
+    ("kn", {"steps": -3}, "steps must be at least 1"),
+    ("defer", {"lr": 0}, "lr must be positive"),
+    ("wise", {"n_irrelevant": -1}, "n_irrelevant must be non-negative"),
+    ("ft-l", {"steps": "ten"}, "steps must be a number"),
+    ("memit", {"stats_tokens": 0}, "stats_tokens must be at least 1"),
+])
+def test_a_hyper_parameter_out_of_range_is_a_one_line_edit_error_and_the_model_is_unchanged(method, bad, message):
+    from lmedit.errors import EditError
+
+    model = tiny("llama")
+    saved = _params(model)
+    with pytest.raises(EditError, match=message):
+        lmedit.edit(model, REQUEST, method=method, **bad)
+    _assert_bit_identical(model, saved)
+
+
 # ============================================================================================ scoring
 
 def test_join_and_leading_space():

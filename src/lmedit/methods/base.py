@@ -27,6 +27,15 @@ from lmedit.requests import EditRequest, as_requests
 log = logging.getLogger(__name__)
 
 
+AT_LEAST_ONE = frozenset({"steps", "rank", "stats_tokens", "fisher_tokens", "shards", "shard_size", "merge_every",
+                          "value_group"})
+POSITIVE = frozenset({"lr", "gate_lr", "eps_init"})
+NON_NEGATIVE = frozenset({"n_irrelevant", "rehearse", "replay", "weight_decay", "kl_factor", "l2", "ridge",
+                          "ewc_lambda", "max_neurons", "stop_loss"})
+"""Ranges shared by every method's hyper-parameters of these names, checked when an ``HParams`` is built, so
+that a bad value is a one-line ``EditError`` before anything runs (not an error from deep inside torch)."""
+
+
 @dataclass
 class HParams:
     """Base class of hyper-parameter dataclasses."""
@@ -39,6 +48,7 @@ class HParams:
                 setattr(self, f.name, tuple(value))
             elif f.name == "layers" and isinstance(value, int):
                 setattr(self, f.name, (value,))
+            _check_range(type(self).__name__.removesuffix("HParams"), f, getattr(self, f.name))
 
     def resolve(self, model: Any) -> "HParams":
         """A copy with model-derived defaults filled in (subclasses override ``_defaults``)."""
@@ -50,6 +60,21 @@ class HParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_range(owner: str, f: dataclasses.Field, value: Any) -> None:
+    """Raise ``EditError`` when a numeric hyper-parameter holds text or lies outside its name's range."""
+    numeric = str(f.type).split("|")[0].strip() in ("int", "float")
+    if numeric and isinstance(value, str):
+        raise EditError(f"{owner} hyper-parameter {f.name} must be a number, not {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if f.name in AT_LEAST_ONE and value < 1:
+        raise EditError(f"{owner} hyper-parameter {f.name} must be at least 1, not {value}")
+    if f.name in POSITIVE and not value > 0:
+        raise EditError(f"{owner} hyper-parameter {f.name} must be positive, not {value}")
+    if f.name in NON_NEGATIVE and value < 0:
+        raise EditError(f"{owner} hyper-parameter {f.name} must be non-negative, not {value}")
 
 
 class Method:
