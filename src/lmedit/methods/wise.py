@@ -369,9 +369,6 @@ def _check(hp: WISEHParams) -> None:
         raise EditError(f"WISE mode must be 'merge' or 'retrieve', not {hp.mode!r}")
     if hp.mask_ratio is None or not 0 < hp.mask_ratio <= 1:
         raise EditError(f"mask_ratio must be in (0, 1], not {hp.mask_ratio}")
-    if hp.rehearse < 0:
-        raise EditError(f"rehearse must be a count of earlier edits (0 or more), not {hp.rehearse}")
-    if hp.replay is not None and hp.replay < 0:
-        raise EditError(f"replay must be a count of prompts (0 or more), not {hp.replay}")
-    if hp.shard_size is None or hp.merge_every is None or hp.shard_size < 1 or hp.merge_every < 1:
-        raise EditError("shard_size and merge_every must be at least 1")
+    # the counts' ranges (rehearse, replay, shard_size, merge_every) are checked by HParams itself
+    if hp.shard_size is None or hp.merge_every is None:
+        raise EditError("shard_size and merge_every must be set")
