@@ -627,6 +627,18 @@ def test_a_hyper_parameter_out_of_range_is_a_one_line_edit_error_and_the_model_i
     _assert_bit_identical(model, saved)
 
 
+def test_hyper_parameters_come_as_the_methods_dataclass_or_a_dict_and_anything_else_is_a_clear_error():
+    from lmedit.errors import EditError
+    from lmedit.methods import get_method
+
+    assert get_method("ft-m", hparams={"steps": 3}).hparams.steps == 3
+    assert get_method("ft-m", hparams={"lr": 0.1}, lr=0.5).hparams.lr == 0.5  # keyword overrides win over the dict
+    with pytest.raises(EditError, match="HParams or a dict, not ROMEHParams"):
+        get_method("ft-m", hparams=get_method("rome").hparams)
+    with pytest.raises(EditError, match="no hyper-parameter nope"):
+        get_method("ft-m", hparams={"nope": 1})
+
+
 # ============================================================================================ scoring
 
 def test_join_and_leading_space():

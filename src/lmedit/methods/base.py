@@ -16,7 +16,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
@@ -83,7 +83,13 @@ class Method:
     name: ClassVar[str]
     HParams: ClassVar[type[HParams]]
 
-    def __init__(self, hparams: HParams | None = None, **overrides: Any) -> None:
+    def __init__(self, hparams: HParams | Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        """``hparams``: this method's ``HParams`` (or a dict of its fields); ``overrides`` replace fields."""
+        if isinstance(hparams, Mapping):
+            overrides, hparams = {**hparams, **overrides}, None
+        elif hparams is not None and not isinstance(hparams, self.HParams):
+            raise EditError(f"{self.name} takes its hyper-parameters as {self.HParams.__name__} or a dict, "
+                            f"not {type(hparams).__name__}")
         fields = {f.name for f in dataclasses.fields(self.HParams)}
         unknown = set(overrides) - fields
         if unknown:
