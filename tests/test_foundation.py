@@ -610,6 +610,30 @@ def test_as_requests_rejects_non_requests_with_request_error(bad):
         as_requests(bad)
 
 
+def test_a_model_that_is_not_an_lmedit_model_and_prompts_that_are_not_text_are_one_line_errors():
+    from lmedit.errors import EditError, PatchError
+
+    model = tiny("llama")
+    saved = _params(model)
+    with pytest.raises(EditError, match="wrap it with lmedit.Model.from_hf"):
+        lmedit.edit(model.module, REQUEST)  # the bare Hugging Face module
+    with pytest.raises(EditError, match="load one with lmedit.load_model"):
+        lmedit.edit("smollm2-135m", REQUEST)
+    with pytest.raises(EditError, match="a method is named by a string"):
+        lmedit.edit(model, REQUEST, method=3)
+    patch = lmedit.edit(model, REQUEST, steps=1)
+    with pytest.raises(PatchError, match="expected an lmedit.Model"):
+        patch.apply(model.module)
+    assert not patch.is_applied
+    _assert_bit_identical(model, saved)
+    with pytest.raises(RequestError, match="a string or a list of strings, got int"):
+        lmedit.generate(model, 5)
+    with pytest.raises(RequestError, match="list of strings"):
+        lmedit.generate(model, ["a", None])
+    with pytest.raises(RequestError, match="prompts must be a list of strings"):
+        score_continuations(model, "The capital of France is", [" Paris"])
+
+
 @pytest.mark.parametrize("method, bad, message", [
     ("kn", {"steps": -3}, "steps must be at least 1"),
     ("defer", {"lr": 0}, "lr must be positive"),

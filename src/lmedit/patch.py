@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 
 from lmedit.errors import LmeditError, PatchError
+from lmedit.models.loading import require_model
 from lmedit.requests import EditRequest
 
 FORMAT_VERSION = 1
@@ -200,6 +201,7 @@ class Patch:
         """Apply to ``model`` in place. All-or-nothing: on failure the model is left as it was."""
         if self._model is not None:
             raise PatchError("this patch is already applied; revert it first")
+        model = require_model(model, PatchError)
         if model.fingerprint != self.base_fingerprint:
             raise PatchError(
                 f"this patch was made for the model with fingerprint {self.base_fingerprint[:12]}, not "

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from lmedit.errors import RequestError
+from lmedit.models.loading import require_model
 
 
 def join(prompt: str, target: str) -> tuple[str, str]:
@@ -215,6 +216,13 @@ class PromptScore:
 
 
 @torch.no_grad()
+def _check_texts(values: Any, what: str, accepted: str = "a list of strings") -> list[str]:
+    """``values`` as a list of strings, or a ``RequestError`` naming ``what`` was wrong."""
+    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise RequestError(f"{what} must be {accepted}, got {type(values).__name__} {str(values)[:60]!r}")
+    return list(values)
+
+
 def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence[str]],
                   greedy: int | Sequence[int] = 0, batch_size: int = 64) -> list[PromptScore]:
     """Score several continuations per prompt and greedy-decode, running each prompt **once**.
@@ -226,6 +234,8 @@ def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence
     This is the evaluation hot path: a prompt with its answer, its competing answer and a generation
     costs one prompt pass plus a few single-token steps.
     """
+    require_model(model, RequestError)
+    _check_texts(prompts, "prompts")
     if len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} target lists")
     wants = [greedy] * len(prompts) if isinstance(greedy, int) else list(greedy)
@@ -334,6 +344,8 @@ def _cache_keyword(module: Any) -> str:
 def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[str],
                         batch_size: int = 64) -> list[ContinuationScore]:
     """Teacher-forced scores of ``targets`` after ``prompts`` (one target per prompt)."""
+    _check_texts(prompts, "prompts")
+    _check_texts(targets, "targets")
     if len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     return [ps.continuations[0] for ps in score_prompts(model, prompts, [[t] for t in targets], 0, batch_size)]
@@ -357,8 +369,9 @@ def generate(model: Any, prompts: str | Sequence[str], max_new_tokens: int = 20,
     Greedy by default (through ``score_prompts``); any ``generate_kwargs`` (e.g. ``do_sample=True``)
     go to Hugging Face's ``generate`` instead.
     """
+    require_model(model, RequestError)
     single = isinstance(prompts, str)
-    items = [prompts] if single else list(prompts)
+    items = [prompts] if single else _check_texts(prompts, "prompts", "a string or a list of strings")
     rows = generate_ids(model, items, max_new_tokens, batch_size) if not generate_kwargs else \
         _hf_generate_ids(model, items, max_new_tokens, batch_size, **generate_kwargs)
     out = [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]

@@ -26,6 +26,8 @@ def list_methods() -> list[str]:
 
 def get_method(name: str, **hparams: Any) -> Method:
     """An instance of the method registered as ``name`` (case-insensitive; ``ft_m`` = ``ft-m``)."""
+    if not isinstance(name, str):
+        raise EditError(f"a method is named by a string, not {type(name).__name__}; available: {', '.join(list_methods())}")
     key = name.lower().replace("_", "-")
     if key not in METHODS:
         raise EditError(f"unknown method {name!r}; available: {', '.join(list_methods())}")

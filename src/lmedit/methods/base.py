@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import torch
 
 from lmedit.errors import EditError, LmeditError
+from lmedit.models.loading import require_model
 from lmedit.patch import Component, Patch
 from lmedit.requests import EditRequest, as_requests
 
@@ -117,6 +118,7 @@ class Method:
     # ------------------------------------------------------------------------------ entry point
     def edit(self, model: Any, requests: EditRequest | Sequence[EditRequest]) -> Patch:
         """Compute a ``Patch`` implementing ``requests`` on ``model``; the model is left unchanged."""
+        model = require_model(model, EditError)
         requests = as_requests(requests)
         hp = self.hparams.resolve(model)
         start = time.perf_counter()

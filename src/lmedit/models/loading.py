@@ -98,6 +98,15 @@ class Model:
                 f"fingerprint={self.fingerprint[:12]})")
 
 
+def require_model(model: Any, error: type[Exception] = ModelLoadError) -> "Model":
+    """``model`` if it is an ``lmedit.Model``; otherwise ``error`` saying how to get one."""
+    if isinstance(model, Model):
+        return model
+    hint = ("wrap it with lmedit.Model.from_hf(module, tokenizer)" if isinstance(model, nn.Module)
+            else "load one with lmedit.load_model(name or path)")
+    raise error(f"expected an lmedit.Model, got {type(model).__name__}; {hint}")
+
+
 def weight_fingerprint(module: nn.Module) -> str:
     """A stable hash of a model's weights, the same for float32 and bfloat16 copies of them.
 
