@@ -46,6 +46,20 @@ def test_trace_errors():
         causal_trace(model, PROMPT, SUBJECT, kind="neurons")  # type: ignore[arg-type]
 
 
+def test_inspection_refuses_a_bare_module_an_empty_prompt_and_zero_steps_in_one_line():
+    from lmedit.inspect import head_attribution, logit_lens, neuron_attribution
+
+    model = tiny("llama")
+    with pytest.raises(RequestError, match="wrap it with lmedit.Model.from_hf"):
+        logit_lens(model.module, PROMPT)
+    with pytest.raises(RequestError, match="wrap it with lmedit.Model.from_hf"):
+        suggest_layers(model.module, PROMPT, SUBJECT)
+    with pytest.raises(RequestError, match="non-empty text"):
+        head_attribution(model, "  ")
+    with pytest.raises(RequestError, match="at least 1 step"):
+        neuron_attribution(model, PROMPT, steps=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_logit_lens_last_layer_is_the_model_output(arch, tmp_path):
     from lmedit.inspect import logit_lens

@@ -30,6 +30,19 @@ def test_steering_vector_is_the_mean_difference_at_the_last_token():
         torch.testing.assert_close(vectors[layer].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_steering_refuses_a_string_of_examples_and_vectors_of_the_wrong_width():
+    from lmedit.errors import RequestError
+    from lmedit.steer import train_lm_steer
+
+    model = tiny("llama")
+    with pytest.raises(RequestError, match="positive examples must be a list of strings"):
+        steering_vectors(model, "I love it", ["I hate it"])  # not its 9 characters
+    with pytest.raises(RequestError, match="negative examples must be a list of strings"):
+        train_lm_steer(model, ["I love it"], "I hate it")
+    with pytest.raises(RequestError, match=r"layer 0 must be a tensor of shape \(64,\), got \(3,\)"):
+        steer(model, {0: torch.zeros(3)})
+
+
 def test_steering_patch_adds_the_vector_and_reverts_exactly(tmp_path):
     model = tiny("gpt2")
     vectors = steering_vectors(model, POS, NEG, layers=[1])

@@ -216,7 +216,14 @@ class PromptScore:
 
 
 @torch.no_grad()
-def _check_texts(values: Any, what: str, accepted: str = "a list of strings") -> list[str]:
+def check_prompt(model: Any, prompt: Any) -> None:
+    """A ``RequestError`` unless ``model`` is an ``lmedit.Model`` and ``prompt`` is non-empty text."""
+    require_model(model, RequestError)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError(f"the prompt must be non-empty text, got {type(prompt).__name__} {str(prompt)[:60]!r}")
+
+
+def check_texts(values: Any, what: str, accepted: str = "a list of strings") -> list[str]:
     """``values`` as a list of strings, or a ``RequestError`` naming ``what`` was wrong."""
     if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
         raise RequestError(f"{what} must be {accepted}, got {type(values).__name__} {str(values)[:60]!r}")
@@ -235,7 +242,7 @@ def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence
     costs one prompt pass plus a few single-token steps.
     """
     require_model(model, RequestError)
-    _check_texts(prompts, "prompts")
+    check_texts(prompts, "prompts")
     if len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} target lists")
     wants = [greedy] * len(prompts) if isinstance(greedy, int) else list(greedy)
@@ -344,8 +351,8 @@ def _cache_keyword(module: Any) -> str:
 def score_continuations(model: Any, prompts: Sequence[str], targets: Sequence[str],
                         batch_size: int = 64) -> list[ContinuationScore]:
     """Teacher-forced scores of ``targets`` after ``prompts`` (one target per prompt)."""
-    _check_texts(prompts, "prompts")
-    _check_texts(targets, "targets")
+    check_texts(prompts, "prompts")
+    check_texts(targets, "targets")
     if len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     return [ps.continuations[0] for ps in score_prompts(model, prompts, [[t] for t in targets], 0, batch_size)]
@@ -371,7 +378,7 @@ def generate(model: Any, prompts: str | Sequence[str], max_new_tokens: int = 20,
     """
     require_model(model, RequestError)
     single = isinstance(prompts, str)
-    items = [prompts] if single else _check_texts(prompts, "prompts", "a string or a list of strings")
+    items = [prompts] if single else check_texts(prompts, "prompts", "a string or a list of strings")
     rows = generate_ids(model, items, max_new_tokens, batch_size) if not generate_kwargs else \
         _hf_generate_ids(model, items, max_new_tokens, batch_size, **generate_kwargs)
     out = [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]

@@ -29,7 +29,8 @@ from lmedit.adaptors import Adaptor, adaptors, drop_if_empty, get_or_attach
 from lmedit.errors import PatchError, RequestError
 from lmedit.hooks import Hooks
 from lmedit.patch import COMPONENTS, Component, Patch
-from lmedit.scoring import encode, forward_logits, generate, score_prompts
+from lmedit.models.loading import require_model
+from lmedit.scoring import check_texts, encode, forward_logits, generate, score_prompts
 
 
 class ActivationAddition(Adaptor):
@@ -98,6 +99,8 @@ COMPONENTS[SteeringAdd.kind] = SteeringAdd
 def steering_vectors(model: Any, positive: Sequence[str], negative: Sequence[str],
                      layers: Sequence[int] | None = None, batch_size: int = 32) -> dict[int, torch.Tensor]:
     """CAA vectors ``v_l`` (see the module docstring) for ``layers`` (default: all), float32 on CPU."""
+    require_model(model, RequestError)
+    positive, negative = check_texts(positive, "positive examples"), check_texts(negative, "negative examples")
     if not positive or not negative:
         raise RequestError("steering needs at least one positive and one negative example")
     spec = model.spec
@@ -120,6 +123,11 @@ def steering_vectors(model: Any, positive: Sequence[str], negative: Sequence[str
 
 def steer(model: Any, vectors: dict[int, torch.Tensor], multiplier: float = 1.0) -> Patch:
     """A patch adding ``multiplier · v_l`` to block ``l``'s output for each ``l`` in ``vectors``."""
+    require_model(model, RequestError)
+    for layer, v in vectors.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (model.spec.hidden_size,):
+            raise RequestError(f"the steering vector of layer {layer} must be a tensor of shape "
+                               f"({model.spec.hidden_size},), got {tuple(getattr(v, 'shape', ())) or type(v).__name__}")
     components: list[Component] = [
         SteeringAdd(model.spec.block(layer), [uuid.uuid4().hex[:16]], (multiplier * v.float())[None].cpu())
         for layer, v in vectors.items()]
@@ -242,6 +250,8 @@ def train_lm_steer(model: Any, positive: Sequence[str], negative: Sequence[str],
     final hidden states are computed once and the fit runs on them alone."""
     from lmedit.models.spec import get_module
 
+    require_model(model, RequestError)
+    positive, negative = check_texts(positive, "positive examples"), check_texts(negative, "negative examples")
     spec = model.spec
     weight = get_module(model.module, spec.unembed).weight.detach().float()
     states, targets, signs = [], [], []

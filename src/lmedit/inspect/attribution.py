@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from lmedit.inspect.lens import printable
-from lmedit.scoring import encode, forward_logits
+from lmedit.errors import RequestError
+from lmedit.scoring import check_prompt, encode, forward_logits
 
 
 @dataclass
@@ -65,6 +66,9 @@ def neuron_attribution(model: Any, prompt: str, answer: str | None = None, steps
     next token) after ``prompt``."""
     from lmedit.methods.knowledge_neurons import first_token, neuron_attributions
 
+    check_prompt(model, prompt)
+    if not isinstance(steps, int) or steps < 1:
+        raise RequestError(f"integrated gradients need at least 1 step, not {steps!r}")
     if answer is None:
         answer_id = int(forward_logits(model, encode(model, [prompt]), last=1)[0, -1].argmax())
         answer = model.tokenizer.decode([answer_id])

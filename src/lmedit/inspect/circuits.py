@@ -19,7 +19,7 @@ import torch
 from lmedit.hooks import Hooks
 from lmedit.inspect.lens import printable
 from lmedit.models.spec import get_module, linear_dims
-from lmedit.scoring import encode, forward_logits
+from lmedit.scoring import check_prompt, encode, forward_logits
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Circuit:
 
 def head_attribution(model: Any, prompt: str, answer: str | None = None) -> Circuit:
     """Attribution and last-token attention of every head (see the module docstring)."""
+    check_prompt(model, prompt)
     spec = model.spec
     config = model.module.config
     n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")

@@ -15,7 +15,7 @@ import torch
 
 from lmedit.hooks import Hooks
 from lmedit.models.spec import get_module
-from lmedit.scoring import encode, forward_logits
+from lmedit.scoring import check_prompt, encode, forward_logits
 
 
 def printable(text: str) -> str:
@@ -77,6 +77,7 @@ class Lens:
 @torch.no_grad()
 def logit_lens(model: Any, prompt: str, k: int = 5) -> Lens:
     """The logit lens of ``prompt`` at every layer and position (see the module docstring)."""
+    check_prompt(model, prompt)
     spec = model.spec
     batch = encode(model, [prompt])
     with Hooks(model.module) as hooks:

@@ -29,7 +29,7 @@ from lmedit.errors import RequestError
 from lmedit.hooks import Hooks
 from lmedit.inspect.lens import printable
 from lmedit.models.spec import get_module
-from lmedit.scoring import Batch, encode, forward_logits, tokenize
+from lmedit.scoring import Batch, check_prompt, encode, forward_logits, tokenize
 
 Kind = Literal["hidden", "mlp", "attn"]
 ROLE = {"hidden": "block", "mlp": "mlp_out", "attn": "attn_out"}
@@ -113,6 +113,7 @@ def causal_trace(model: Any, prompt: str, subject: str, answer: str | None = Non
 
     ``answer`` defaults to the model's own greedy next token. Returns a ``Trace``.
     """
+    check_prompt(model, prompt)
     if kind not in ROLE:
         raise RequestError(f"kind must be one of {', '.join(ROLE)}, not {kind!r}")
     spec = model.spec
