@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmedit
+from lmedit.errors import LmeditError
 from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, plot_comparison, resummarize
 from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
                                      tfidf_cosine, token_agreement)
@@ -283,6 +284,12 @@ def test_bad_configuration_errors(model):
         evaluate(model, "ft-m", _requests(model), protocol="nope", progress=False)
     with pytest.raises(EvalError, match="scoring"):
         evaluate(model, "ft-m", _requests(model), scoring="sometimes", progress=False)
+    with pytest.raises(EvalError, match="at least 1, not 0"):  # it wrote an empty run before
+        evaluate(model, "ft-m", _requests(model), n=0, progress=False)
+    with pytest.raises(EvalError, match="batch size must be at least 1"):
+        evaluate(model, "ft-m", _requests(model), protocol="batch", batch_size=0, progress=False)
+    with pytest.raises(LmeditError, match="no edit requests"):
+        evaluate(model, "ft-m", [], progress=False)
 
 
 def test_fluency_records_measure_generations(model):

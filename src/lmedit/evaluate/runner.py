@@ -156,7 +156,13 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         raise EvalError(f"unknown scoring {scoring!r}; accepted: {', '.join(SCORINGS)}")
     if model.applied:
         raise EvalError("evaluate() needs the unedited model: revert the applied patches first")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise EvalError(f"n, the number of cases, must be at least 1, not {n!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalError(f"the batch size must be at least 1, not {batch_size!r}")
     dataset, requests = _requests(data, n)
+    if not requests:
+        raise EvalError("no edit cases to evaluate")
     editor = None if method is None else (get_method(method, **(hparams or {})) if isinstance(method, str) else method)
     torch.manual_seed(seed)
     out = Path(out_dir) if out_dir is not None else None
