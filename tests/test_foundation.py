@@ -466,6 +466,8 @@ def test_patch_save_load_round_trip(edited, tmp_path):
     _assert_bit_identical(model, saved)
     with pytest.raises(PatchError, match="no patch.json"):
         Patch.load(tmp_path / "nowhere")
+    with pytest.raises(PatchError, match="cannot save the patch to"):  # a file where the directory goes
+        patch.save(directory / "patch.json")
 
 
 def test_patch_refuses_another_model(edited, tmp_path):

@@ -291,7 +291,10 @@ class Patch:
         import lmedit
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, a read-only disk
+            raise PatchError(f"cannot save the patch to {directory}: {e.strerror or e}") from e
         tensors: dict[str, torch.Tensor] = {}
         manifests = []
         for i, component in enumerate(self.components):
@@ -309,8 +312,11 @@ class Patch:
             "components": manifests,
             "info": self.info,
         }
-        save_file(tensors, str(directory / "tensors.safetensors"))
-        (directory / "patch.json").write_text(json.dumps(manifest, indent=2, default=str))
+        try:
+            save_file(tensors, str(directory / "tensors.safetensors"))
+            (directory / "patch.json").write_text(json.dumps(manifest, indent=2, default=str))
+        except OSError as e:  # disk full, permissions
+            raise PatchError(f"cannot save the patch to {directory}: {e.strerror or e}") from e
         return directory
 
     @classmethod
