@@ -14,6 +14,7 @@ from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normaliz
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
 from lmedit.evaluate.report import curve_label
+from lmedit.evaluate.runner import read_cases
 from lmedit.methods.finetune import FTM
 from lmedit.scoring import generate
 from tiny import tiny
@@ -216,6 +217,22 @@ def test_a_resumed_sequential_run_scores_as_an_uninterrupted_one(model, tmp_path
                        if r["T"] == 4), key=lambda r: r["case_id"])
 
     assert scores(resumed) == scores(whole)
+
+
+def test_a_run_killed_while_writing_a_record_resumes_and_redoes_that_case(model, tmp_path):
+    reqs = _requests(model, 3)
+    out = tmp_path / "run"
+    evaluate(model, FTM(**STRONG), reqs, out_dir=out, progress=False, generation=False)
+    whole = (out / "cases.jsonl").read_text().splitlines()
+    (out / "cases.jsonl").write_text("\n".join(whole[:2]) + "\n" + whole[2][: len(whole[2]) // 2])  # half a record
+    assert len(read_cases(out)) == 2
+    report = evaluate(model, FTM(**STRONG), reqs, out_dir=out, resume=True, progress=False, generation=False)
+    assert report.summary["overall"]["cases"] == 3
+    again = (out / "cases.jsonl").read_text().splitlines()
+    assert len(again) == 3 and json.loads(again[2])["case_id"] == json.loads(whole[2])["case_id"]
+    (out / "cases.jsonl").write_text("{broken\n" + "\n".join(whole[1:]) + "\n")  # damage elsewhere is not guessed at
+    with pytest.raises(EvalError, match="line 1: not a JSON record"):
+        read_cases(out)
 
 
 def test_resume_refuses_other_settings(model, tmp_path, caplog):

@@ -175,6 +175,9 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         if resume:
             run.records = read_cases(out)
             run.done.update((r["case_id"], r.get("T")) for r in run.records)
+            if cases_file.exists() and not cases_file.read_text().endswith("\n") and cases_file.stat().st_size:
+                # a killed write left half a record: keep the whole ones so appends start on a fresh line
+                cases_file.write_text("".join(json.dumps(r) + "\n" for r in run.records))
     config = {
         "protocol": protocol if editor is not None else "unedited",
         "scoring": scoring if protocol == "sequential" else None,
@@ -335,7 +338,17 @@ def read_cases(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / "cases.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break  # the record being written when the run was killed: it is redone on resume
+            raise EvalError(f"{path}, line {i + 1}: not a JSON record ({e.msg})") from e
+    return records
 
 
 def resummarize(directory: str | Path) -> Report:
