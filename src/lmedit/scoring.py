@@ -215,7 +215,6 @@ class PromptScore:
     generated_ids: list[int]
 
 
-@torch.no_grad()
 def check_prompt(model: Any, prompt: Any) -> None:
     """A ``RequestError`` unless ``model`` is an ``lmedit.Model`` and ``prompt`` is non-empty text."""
     require_model(model, RequestError)
@@ -230,6 +229,7 @@ def check_texts(values: Any, what: str, accepted: str = "a list of strings") -> 
     return list(values)
 
 
+@torch.no_grad()
 def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence[str]],
                   greedy: int | Sequence[int] = 0, batch_size: int = 64) -> list[PromptScore]:
     """Score several continuations per prompt and greedy-decode, running each prompt **once**.

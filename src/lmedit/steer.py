@@ -96,11 +96,16 @@ COMPONENTS[SteeringAdd.kind] = SteeringAdd
 
 
 @torch.no_grad()
+def _check_examples(model: Any, positive: Any, negative: Any) -> tuple[list[str], list[str]]:
+    """The positive and negative example texts as lists, or a ``RequestError`` (a string is one text, not a list)."""
+    require_model(model, RequestError)
+    return check_texts(positive, "positive examples"), check_texts(negative, "negative examples")
+
+
 def steering_vectors(model: Any, positive: Sequence[str], negative: Sequence[str],
                      layers: Sequence[int] | None = None, batch_size: int = 32) -> dict[int, torch.Tensor]:
     """CAA vectors ``v_l`` (see the module docstring) for ``layers`` (default: all), float32 on CPU."""
-    require_model(model, RequestError)
-    positive, negative = check_texts(positive, "positive examples"), check_texts(negative, "negative examples")
+    positive, negative = _check_examples(model, positive, negative)
     if not positive or not negative:
         raise RequestError("steering needs at least one positive and one negative example")
     spec = model.spec
@@ -250,8 +255,7 @@ def train_lm_steer(model: Any, positive: Sequence[str], negative: Sequence[str],
     final hidden states are computed once and the fit runs on them alone."""
     from lmedit.models.spec import get_module
 
-    require_model(model, RequestError)
-    positive, negative = check_texts(positive, "positive examples"), check_texts(negative, "negative examples")
+    positive, negative = _check_examples(model, positive, negative)
     spec = model.spec
     weight = get_module(model.module, spec.unembed).weight.detach().float()
     states, targets, signs = [], [], []

@@ -173,11 +173,8 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         if cases_file.exists() and cases_file.stat().st_size and not resume:
             raise EvalError(f"{out} already holds results; pass resume=True (--resume) or choose another directory")
         if resume:
-            run.records = read_cases(out)
+            run.records = read_cases(out, repair=True)
             run.done.update((r["case_id"], r.get("T")) for r in run.records)
-            if cases_file.exists() and not cases_file.read_text().endswith("\n") and cases_file.stat().st_size:
-                # a killed write left half a record: keep the whole ones so appends start on a fresh line
-                cases_file.write_text("".join(json.dumps(r) + "\n" for r in run.records))
     config = {
         "protocol": protocol if editor is not None else "unedited",
         "scoring": scoring if protocol == "sequential" else None,
@@ -333,8 +330,11 @@ def _version() -> str:
     return lmedit.__version__
 
 
-def read_cases(directory: str | Path) -> list[dict[str, Any]]:
-    """The per-case records a run has written so far (``cases.jsonl``; none if there is no such file)."""
+def read_cases(directory: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The per-case records a run has written so far (``cases.jsonl``; none if there is no such file).
+
+    Half a record at the end (the run was killed while writing it) is left out, and with ``repair`` cut
+    from the file, so that appends start on a fresh line and that case is redone."""
     path = Path(directory) / "cases.jsonl"
     if not path.exists():
         return []
@@ -346,7 +346,9 @@ def read_cases(directory: str | Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) - 1 and not text.endswith("\n"):
-                break  # the record being written when the run was killed: it is redone on resume
+                if repair:
+                    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+                break
             raise EvalError(f"{path}, line {i + 1}: not a JSON record ({e.msg})") from e
     return records
 
