@@ -249,10 +249,11 @@ def test_resume_refuses_other_settings(model, tmp_path, caplog):
     assert report.summary["overall"]["cases"] == 3
     settings = json.loads((out / "run.json").read_text())
     settings["model"]["dtype"] = "torch.bfloat16"
+    del settings["hparams"]["steps"]  # as if the method gained ``steps`` after the run started
     (out / "run.json").write_text(json.dumps(settings))
     with caplog.at_level("WARNING"):
         evaluate(model, FTM(**STRONG), reqs, out_dir=out, resume=True, progress=False)
-    assert "another placement" in caplog.text
+    assert "another placement" in caplog.text and "new hparams.steps" in caplog.text
 
 
 def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from lmedit.evaluate import evaluate
 from lmedit.methods.grace import Codebook
 from lmedit.patch import Patch
 from lmedit.scoring import encode, forward_logits, score_continuations
-from tiny import tiny
+from tiny import gemma_like_post_norm, tiny
 from tiny import params as _params
 
 # Prompts end in a space so the (byte-level) answer is one token: a one-layer, one-position memory of a
@@ -65,6 +65,22 @@ def test_grace_expands_and_splits():
     assert _codebook(model).eps.tolist() == pytest.approx([1e-3])  # the radius change is undone too
     first.revert()
     assert not adaptors(model)
+
+
+@pytest.mark.parametrize("arch, sphere", [("gemma3", True), ("llama", False)])
+def test_grace_keeps_the_value_norm_behind_a_post_mlp_norm(arch, sphere):
+    """Behind a post-MLP norm (Gemma-3) the value stays on the sphere of the layer's own output; elsewhere it is free."""
+    from lmedit.hooks import read_module
+
+    model = gemma_like_post_norm(tiny(arch)) if sphere else tiny(arch)  # gains that let one layer's output write
+    path = model.spec.path(1, "mlp_out")
+    own = read_module(model, encode(model, [EDIT.prompt]), path, "output")[0, -1].norm()
+    patch = lmedit.edit(model, EDIT, method="grace", layer=1).apply(model)
+    assert patch.hparams["sphere"] is sphere
+    assert score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob > -0.05
+    norm = _codebook(model).values[0].norm()
+    assert (norm == pytest.approx(float(own), rel=1e-4)) is sphere
+    patch.revert()
 
 
 def test_grace_sequential_run_checkpoints_and_restores(tmp_path):
@@ -267,7 +283,7 @@ def _side(model) -> SideMemory:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_side_memory_output_is_the_side_weight_when_routed(arch):
     """Routed rows compute ``(W + τ) a`` exactly; rows below the threshold run the main memory."""
-    model = tiny(arch)
+    model = gemma_like_post_norm(tiny(arch)) if sphere else tiny(arch)  # gains that let one layer's output write
     path = model.spec.path(1, "mlp_out")
     param = model.parameter(f"{path}.weight")
     d_model, d_mlp = model.spec.hidden_size, model.spec.mlp_size

@@ -11,7 +11,7 @@ import torch
 import lmedit
 from lmedit.methods import keyvalue, post_norm, solvers
 from lmedit.stats import second_moment, second_moments
-from tiny import CORPUS, tiny
+from tiny import CORPUS, gemma_like_post_norm, tiny
 from tiny import params as _params, bit_identical as _bit_identical
 
 FAST = dict(corpus=CORPUS, stats_tokens=2000, context_lengths=[[4, 2]], steps=30, lr=0.5)
@@ -321,17 +321,8 @@ def test_memit_family_edits_are_reversible(method, arch, keys, tmp_path, monkeyp
     assert _bit_identical(model, saved)
 
 
-def _gemma_like_post_norm(model, scale=30.0):
-    """Give the tiny Gemma-3 post-MLP norms Gemma-3-270M-like gains (|1 + w| up to hundreds)."""
-    torch.manual_seed(1)
-    for layer in range(model.spec.n_layers):
-        norm = model.module.get_submodule(f"{model.spec.block(layer)}.{model.spec.mlp_post_norm}")
-        norm.weight.data = (torch.randn_like(norm.weight) * scale).to(norm.weight.dtype)
-    return model
-
-
 def test_residual_written_through_a_post_mlp_norm_reaches_the_stream():
-    model = _gemma_like_post_norm(tiny("gemma3"))
+    model = gemma_like_post_norm(tiny("gemma3"))
     assert model.spec.mlp_post_norm == "post_feedforward_layernorm" and tiny("llama").spec.mlp_post_norm is None
     torch.manual_seed(0)
     keys = torch.randn(3, model.spec.mlp_size)
@@ -364,7 +355,7 @@ def test_residual_written_through_a_post_mlp_norm_reaches_the_stream():
 @pytest.mark.parametrize("keys", ["mean", "each"])
 def test_memit_family_writes_through_gemma_post_mlp_norms(method, keys, tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
-    model = _gemma_like_post_norm(tiny("gemma3"))
+    model = gemma_like_post_norm(tiny("gemma3"))
     requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
     before = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
                                                                         [r.target_new for r in requests])]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lmedit
+from lmedit.adaptors import adaptors
 from lmedit.errors import ModelLoadError, PatchError
 from lmedit.scoring import generate, score_continuations
 from tiny import bit_identical as _bit_identical, params as _params
@@ -121,6 +122,23 @@ def test_memit_on_gemma3_writes_through_its_post_mlp_norms(gemma):
     assert out[0].startswith(" Spanish") and out[1].startswith(" Rome"), out
     assert out[2:] == kept, out
     assert _bit_identical(gemma, before)
+
+
+def test_grace_on_gemma3_writes_its_values_through_the_post_mlp_norm(gemma):
+    """Behind Gemma-3's post-MLP norm a GRACE value's scale is lost; kept on its sphere (``sphere``, the default
+    there) Adam writes the answer and stops early, where the free value ran all 100 steps unwritten."""
+    requests = [lmedit.EditRequest("The official language of {} is", "Brazil", " Spanish"),
+                lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")]
+    unrelated = ["The official language of Germany is", "Paris is the capital of"]
+    kept = [generate(gemma, p, max_new_tokens=3) for p in unrelated]
+    patch = lmedit.edit(gemma, requests, method="grace")
+    assert patch.hparams["sphere"] is True and patch.info["added"] == 2
+    assert max(patch.info["value_steps"]) < 100 and max(patch.info["value_nll"]) < 0.01, patch.info
+    with patch.applied(gemma):
+        out = [generate(gemma, r.prompt, max_new_tokens=3) for r in requests]
+        assert out[0].startswith(" Spanish") and out[1].startswith(" Rome"), out
+        assert [generate(gemma, p, max_new_tokens=3) for p in unrelated] == kept
+    assert not adaptors(gemma)
 
 
 def test_bad_model_names_give_one_line_errors(tmp_path):

@@ -77,3 +77,12 @@ def params(model) -> dict[str, torch.Tensor]:
 def bit_identical(model, saved: dict[str, torch.Tensor]) -> bool:
     """Whether every parameter equals its copy in ``saved`` bit for bit."""
     return all(torch.equal(saved[n], p) for n, p in model.module.named_parameters())
+
+
+def gemma_like_post_norm(model, scale=30.0):
+    """Give the tiny Gemma-3 post-MLP norms Gemma-3-270M-like gains (|1 + w| up to hundreds)."""
+    torch.manual_seed(1)
+    for layer in range(model.spec.n_layers):
+        norm = model.module.get_submodule(f"{model.spec.block(layer)}.{model.spec.mlp_post_norm}")
+        norm.weight.data = (torch.randn_like(norm.weight) * scale).to(norm.weight.dtype)
+    return model

@@ -242,7 +242,8 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
 
     A run is one table row: continuing it with another learning rate, model or dataset file would mix two
     experiments under one name. ``n`` may grow (extending a run); the device, dtype and library versions
-    may change with a warning (``runs/README.md`` records such mixed runs).
+    may change with a warning (``runs/README.md`` records such mixed runs), and so may a hyper-parameter the
+    method gained after the run started (pin it with ``--hparam`` to keep the earlier behaviour).
     """
     path = out / "run.json"
     if resume and path.exists():
@@ -266,6 +267,8 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
                             f"({'; '.join(changed)}). Use another output directory.")
         moved = [f"{k} {get(earlier, k)} -> {get(config, k)}" for k in WARN_SETTINGS
                  if text(get(earlier, k)) != text(get(config, k))]
+        # a hyper-parameter the method gained since the run started: its earlier edits ran without it
+        moved += [f"new hparams.{k} = {hp_new[k]!r}" for k in sorted(set(hp_new) - set(hp_old))]
         if moved:
             log.warning("%s: resuming on another placement or version (%s)", out, "; ".join(moved))
         return

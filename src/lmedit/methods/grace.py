@@ -18,6 +18,15 @@ the mean token NLL < 0.01; ``optimizer="sgd"`` is the paper's plain gradient des
 SmolLM2 needs ~10x the steps);
 ``v`` starts from the layer's current output there ("warm" start; ``value_init="cold"`` starts from
 zeros). Defaults: the layer at the depth fraction of Llama-7B's 27 of 32, ``ε_init = 1.0``.
+
+**Values behind a post-MLP norm** (lmedit's change; ``sphere``, on by default where ``spec.mlp_post_norm`` is set:
+Gemma-2/3, OLMo-2). There the stream receives ``N(v) = g ⊙ v / rms(v)``, which ignores ``v``'s scale: the NLL's
+gradient is orthogonal to ``v``, every step lengthens it, and Adam's fixed step ``lr`` turns the direction less
+and less (~``lr/‖v‖``). On Gemma-3-270M (layer 15, the first five ZsRE edits, ``‖v₀‖`` ≈ 2, so a coordinate's rms
+≈ 0.08 against lr 1.0) the value's NLL after all 100 steps was 0.64 / 0.07 / 0.48 / 0.10 / 1.62 as ``‖v‖`` grew
+tenfold. With ``sphere`` the value stays on ``‖v‖ = ‖v₀‖`` (projected back after each step: ``v ← v‖v₀‖/‖v‖``)
+and Adam's step is ``lr · rms(v₀)``, the same step relative to the value's coordinates that lr 1.0 is on a model
+without the norm: the same five edits reach NLL < 0.01 in 43 / 11 / 27 / 11 / 15 steps.
 Known weakness (by design): keys are exact states, so rephrased prompts rarely fall inside a ball.
 """
 from __future__ import annotations
@@ -171,9 +180,10 @@ class GRACEHParams(HParams):
     stop_loss: float = 0.01
     value_init: Literal["warm", "cold"] = "warm"
     optimizer: Literal["adam", "sgd"] = "adam"
+    sphere: bool | None = None  # keep ‖v‖ fixed, step lr·rms(v₀); default: on behind a post-MLP norm
 
     def _defaults(self, model: Any) -> dict[str, Any]:
-        return {"layer": model.spec.layer_at(27 / 31)}
+        return {"layer": model.spec.layer_at(27 / 31), "sphere": model.spec.mlp_post_norm is not None}
 
 
 def _label(target: str) -> str:
@@ -192,6 +202,8 @@ class GRACE(Method):
         added: dict[str, tuple[torch.Tensor, torch.Tensor, float, str]] = {}
         radius: dict[str, tuple[float, float]] = {}
         counts = {"added": 0, "expanded": 0, "split": 0}
+        value_steps: list[int] = []  # per trained value: Adam steps taken, and the target's final mean NLL
+        value_losses: list[float] = []
         try:
             book = get_or_attach(model, path, Codebook)
             for request in requests:  # one after another: later requests see the earlier entries
@@ -214,7 +226,9 @@ class GRACE(Method):
                     new_eps = d / 2
                     counts["split"] += 1
                 with watch("values"):
-                    value = self._train_value(model, hp, path, request, position)
+                    value, steps, loss = self._train_value(model, hp, path, request, position)
+                value_steps.append(steps)
+                value_losses.append(loss)
                 entry = uuid.uuid4().hex[:16]
                 book.add([entry], key[None], value[None], torch.tensor([new_eps]), [label])
                 added[entry] = (key, value, new_eps, label)
@@ -234,7 +248,7 @@ class GRACE(Method):
             if k in added:
                 change.eps[ids.index(k)] = after
         return [change], {**counts, "codebook_size": len(saved[path].ids) + len(ids) if path in saved else len(ids),
-                          "timing": watch.report()}
+                          "value_steps": value_steps, "value_nll": value_losses, "timing": watch.report()}
 
     @staticmethod
     @torch.no_grad()
@@ -244,8 +258,11 @@ class GRACE(Method):
         return read_module(model, batch, path)[0, -1].float().clone(), batch.input_ids.shape[1] - 1
 
     @staticmethod
-    def _train_value(model: Any, hp: GRACEHParams, path: str, request: EditRequest, position: int) -> torch.Tensor:
-        """``v`` minimising the target's NLL when it replaces the layer output at ``position``."""
+    def _train_value(model: Any, hp: GRACEHParams, path: str, request: EditRequest,
+                     position: int) -> tuple[torch.Tensor, int, float]:
+        """``v`` minimising the target's NLL when it replaces the layer output at ``position`` (with
+        ``hp.sphere``: on the sphere ``‖v‖ = ‖v₀‖`` of the layer's own output there, Adam's step scaled by
+        ``rms(v₀)``; see the module docstring), with the steps taken and the target's last mean NLL."""
         batch = encode(model, [request.prompt], [request.target_new])
         at = position + batch.input_ids.shape[1] - batch.prompt_lengths[0] - batch.target_lengths[0]  # left padding
         with torch.no_grad(), Hooks(model.module) as hooks:
@@ -253,7 +270,9 @@ class GRACE(Method):
             forward_logits(model, batch, last=1)
             start = hooks[out][0, at].float()
         value = (start.clone() if hp.value_init == "warm" else torch.zeros_like(start)).requires_grad_(True)
-        optimizer = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([value], lr=hp.lr)
+        radius = start.norm()
+        lr = hp.lr * float(radius) / start.numel() ** 0.5 if hp.sphere else hp.lr
+        optimizer = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([value], lr=lr)
 
         def put(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[:, :at], value.to(t.dtype)[None, None].expand(t.shape[0], 1, -1), t[:, at + 1:]], dim=1)
@@ -261,12 +280,15 @@ class GRACE(Method):
         blocks = get_module(model.module, model.spec.blocks)
         with Hooks(model.module) as hooks, ReplayBelow(blocks, model.spec._layer(hp.layer)), torch.enable_grad():
             hooks.replace(path, "output", put)
-            for _ in range(hp.steps):
+            for step in range(hp.steps + 1):
                 logp = target_logprobs(model, batch)
                 loss = -(logp.sum() / batch.target_mask.sum())
-                if float(loss.detach()) < hp.stop_loss:
+                if float(loss.detach()) < hp.stop_loss or step == hp.steps:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        return value.detach()
+                if hp.sphere:
+                    with torch.no_grad():
+                        value.mul_(radius / value.norm().clamp(min=1e-12))
+        return value.detach(), step, round(float(loss.detach()), 4)
