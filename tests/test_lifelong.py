@@ -9,6 +9,7 @@ import torch
 import lmedit
 from lmedit.adaptors import adaptors
 from lmedit.evaluate import evaluate
+from lmedit.hooks import read_module
 from lmedit.methods.grace import Codebook
 from lmedit.patch import Patch
 from lmedit.scoring import encode, forward_logits, score_continuations
@@ -70,8 +71,6 @@ def test_grace_expands_and_splits():
 @pytest.mark.parametrize("arch, sphere", [("gemma3", True), ("llama", False)])
 def test_grace_keeps_the_value_norm_behind_a_post_mlp_norm(arch, sphere):
     """Behind a post-MLP norm (Gemma-3) the value stays on the sphere of the layer's own output; elsewhere it is free."""
-    from lmedit.hooks import read_module
-
     model = gemma_like_post_norm(tiny(arch)) if sphere else tiny(arch)  # gains that let one layer's output write
     path = model.spec.path(1, "mlp_out")
     own = read_module(model, encode(model, [EDIT.prompt]), path, "output")[0, -1].norm()

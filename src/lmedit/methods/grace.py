@@ -202,7 +202,7 @@ class GRACE(Method):
         added: dict[str, tuple[torch.Tensor, torch.Tensor, float, str]] = {}
         radius: dict[str, tuple[float, float]] = {}
         counts = {"added": 0, "expanded": 0, "split": 0}
-        value_steps: list[int] = []  # per trained value: Adam steps taken, and the target's final mean NLL
+        value_steps: list[int] = []  # per trained value: optimiser steps taken, and the target's final mean NLL
         value_losses: list[float] = []
         try:
             book = get_or_attach(model, path, Codebook)
@@ -270,8 +270,8 @@ class GRACE(Method):
             forward_logits(model, batch, last=1)
             start = hooks[out][0, at].float()
         value = (start.clone() if hp.value_init == "warm" else torch.zeros_like(start)).requires_grad_(True)
-        radius = start.norm()
-        lr = hp.lr * float(radius) / start.numel() ** 0.5 if hp.sphere else hp.lr
+        start_norm = start.norm()  # ‖v₀‖, the sphere's radius with ``hp.sphere``
+        lr = hp.lr * float(start_norm) / start.numel() ** 0.5 if hp.sphere else hp.lr
         optimizer = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([value], lr=lr)
 
         def put(t: torch.Tensor) -> torch.Tensor:
@@ -290,5 +290,5 @@ class GRACE(Method):
                 optimizer.step()
                 if hp.sphere:
                     with torch.no_grad():
-                        value.mul_(radius / value.norm().clamp(min=1e-12))
+                        value.mul_(start_norm / value.norm().clamp(min=1e-12))
         return value.detach(), step, round(float(loss.detach()), 4)
