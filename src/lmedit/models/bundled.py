@@ -66,10 +66,28 @@ def _locate_smollm2(bundle: BundledModel) -> Path:
 
 
 def _locate_gemma3(bundle: BundledModel) -> Path:
+    """The GGUF file joined from the package's chunks, once, into the cache.
+
+    The file is joined under a name of this process's own and renamed into place, so processes that
+    load the model for the first time at once never read each other's half-written file; a file left
+    at the target by an older version or a killed copy (its sha256 is wrong) is joined again.
+    """
     package = importlib.import_module(bundle.package)
     target = cache_dir() / "gguf" / package.MODEL_NAME
     try:
-        return Path(package.assemble(target))
+        if target.exists():
+            try:
+                return Path(package.assemble(target))  # checks the sha256
+            except FileExistsError:
+                pass  # a partial or foreign file: join it again below
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            package.assemble(part, overwrite=True)
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+        return target
     except (FileNotFoundError, ModuleNotFoundError) as e:
         raise ModelLoadError(f"the Gemma-3 weight chunks are incomplete ({e}); reinstall with `{bundle.install}`") from None
 

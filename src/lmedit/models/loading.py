@@ -372,6 +372,8 @@ def _convert_gguf(gguf: Path, target: Path, meta: dict[str, Any]) -> None:
         meta = {**meta, "format": CACHE_FORMAT, "architecture": type(module).__name__,
                 "fingerprint": weight_fingerprint(module)}
         (tmp / "lmedit.json").write_text(json.dumps(meta, indent=2))
+        if _cache_valid(target):
+            return  # another process converted the same file meanwhile: keep its copy (readers may hold it)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
