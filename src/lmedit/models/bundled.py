@@ -89,7 +89,9 @@ def _locate_gemma3(bundle: BundledModel) -> Path:
             part.unlink(missing_ok=True)
         return target
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:  # ValueError: joined file's sha256 is wrong
-        raise ModelLoadError(f"the Gemma-3 weight chunks are incomplete or corrupt ({e}); reinstall with `{bundle.install}`") from None
+        raise ModelLoadError(
+            f"the Gemma-3 weight chunks are incomplete or corrupt ({e}); reinstall with `{bundle.install}`"
+        ) from None
 
 
 BUNDLED: dict[str, BundledModel] = {
