@@ -786,3 +786,33 @@ def test_fixed_prefix_matches_full_forward(arch):
             torch.testing.assert_close(first, reference, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(prefix.logits(last), first, atol=0, rtol=0)  # the cache is not consumed
             torch.testing.assert_close(prefix.logits(1), reference[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_batches_stay_within_the_logits_budget(monkeypatch):
+    """A large vocabulary with long continuations is scored in smaller batches, with the same results."""
+    import lmedit.scoring as scoring
+
+    model = tiny("llama")
+    vocab = scoring._vocab_size(model)
+    assert vocab == model.module.config.vocab_size
+    prompts = PROMPTS * 4
+    targets = [[" Paris is a city in France", "x"], ["yz"], [" and more and more"]] * 4
+    reference = score_prompts(model, prompts, targets, greedy=3)
+    seen: list[tuple[int, int]] = []  # (rows, longest continuation) of each batch
+    real = scoring._score_batch
+    monkeypatch.setattr(scoring, "_score_batch", lambda m, p, c, g: (
+        seen.append((len(p), max(len(x) for row in c for x in row))), real(m, p, c, g))[1])
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 3 * 8 * vocab)
+    bounded = score_prompts(model, prompts, targets, greedy=3)
+    assert all(rows * width * vocab <= 3 * 8 * vocab or rows == 1 for rows, width in seen), seen
+    assert sum(rows for rows, _ in seen) == len(prompts) and (4, 3) in seen and (1, 26) in seen
+    for a, b in zip(reference, bounded):
+        assert a.generated_ids == b.generated_ids
+        for x, y in zip(a.continuations, b.continuations):
+            assert x.token_ids == y.token_ids and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    # batches: cut by size, by the budget, and a prompt too long for the budget still gets its own batch
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 10)
+    assert scoring._logit_bounded_batches([0, 1, 2, 3], [1, 1, 1, 1], 2, 1) == [[0, 1], [2, 3]]
+    assert scoring._logit_bounded_batches([0, 1, 2], [1, 5, 1], 8, 1) == [[0, 1], [2]]
+    assert scoring._logit_bounded_batches([0, 1, 2], [1, 6, 1], 8, 1) == [[0], [1], [2]]
+    assert scoring._logit_bounded_batches([0, 1, 2], [2, 20, 2], 8, 1) == [[0], [1], [2]]

@@ -18,6 +18,7 @@ import torch
 
 from lmedit.errors import RequestError
 from lmedit.models.loading import require_model
+from lmedit.models.spec import get_module
 
 
 def join(prompt: str, target: str) -> tuple[str, str]:
@@ -247,16 +248,44 @@ def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} target lists")
     wants = [greedy] * len(prompts) if isinstance(greedy, int) else list(greedy)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    encoded = {i: _prompt_ids(model, prompts[i]) for i in order}
+    conts = {i: [_continuation_ids(model, text, ids, t) for t in targets[i]] for i, (text, ids) in encoded.items()}
     out: list[PromptScore | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        encoded = [_prompt_ids(model, prompts[i]) for i in idx]
-        conts = [[_continuation_ids(model, text, ids, t) for t in targets[i]] for i, (text, ids) in zip(idx, encoded)]
-        scores, generated = _score_batch(model, [ids for _, ids in encoded], conts, [wants[i] for i in idx])
+    for idx in _logit_bounded_batches(order, [max((len(c) for c in conts[i]), default=1) for i in order],
+                                      batch_size, _vocab_size(model)):
+        scores, generated = _score_batch(model, [encoded[i][1] for i in idx], [conts[i] for i in idx],
+                                         [wants[i] for i in idx])
         for b, i in enumerate(idx):
             cs = [ContinuationScore(prompts[i], t, *sc) for t, sc in zip(targets[i], scores[b])]
             out[i] = PromptScore(prompts[i], cs, generated[b])
     return out  # type: ignore[return-value]
+
+
+LOGITS_BUDGET = 2 ** 27
+"""Most logits (batch rows × continuation tokens × vocabulary) one scoring step materialises: 512 MiB in
+float32, about three times that at the step's peak (logits, their float copy, log-softmax). A 262k-token
+vocabulary (Gemma-3) with 64 long continuations would otherwise need several GiB per step."""
+
+
+def _logit_bounded_batches(order: list[int], lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
+    """``order`` cut into consecutive batches of at most ``batch_size`` prompts whose rows × longest
+    continuation × ``vocab`` stays within ``LOGITS_BUDGET`` (a single prompt always forms a batch)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in zip(order, lengths):
+        widest = max(longest, n)
+        if current and (len(current) == batch_size or (len(current) + 1) * widest * vocab > LOGITS_BUDGET):
+            batches.append(current)
+            current, widest = [], n
+        current.append(i)
+        longest = widest
+    return batches + ([current] if current else [])
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the output embedding (the logits' last dimension)."""
+    return int(get_module(model.module, model.spec.unembed).weight.shape[0])
 
 
 def _score_batch(model: Any, prompt_ids: list[list[int]], conts: list[list[list[int]]], greedy: list[int]
