@@ -5,9 +5,9 @@
 # accumulated edit is checkpointed in runs/<name>/state; long runs can be done in pieces).
 #   T=1000 benchmarks/sequential_tables.sh smollm2-135m              then: lmedit report runs/*-sequential-*
 #   DATA=hallucination T=600 METHODS="grace wise" benchmarks/sequential_tables.sh
-#   MARKS="1 10 100" T=1000 METHODS=defer benchmarks/sequential_tables.sh gemma3-270m   (T itself is always
-#   scored; this skips T = 600:
-#   on Gemma-3's 262k-token vocabulary a scoring mark of 600 cases takes about an hour single-threaded)
+#   MARKS="1 10 100" T=1000 METHODS=defer benchmarks/sequential_tables.sh gemma3-270m
+#   (MARKS: the scoring marks below T; T itself is always scored. This skips T = 600, which on Gemma-3's
+#   262k-token vocabulary takes about an hour single-threaded.)
 set -euo pipefail
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
