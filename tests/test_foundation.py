@@ -816,3 +816,21 @@ def test_scoring_batches_stay_within_the_logits_budget(monkeypatch):
     assert scoring._logit_bounded_batches([0, 1, 2], [1, 5, 1], 8, 1) == [[0, 1], [2]]
     assert scoring._logit_bounded_batches([0, 1, 2], [1, 6, 1], 8, 1) == [[0], [1], [2]]
     assert scoring._logit_bounded_batches([0, 1, 2], [2, 20, 2], 8, 1) == [[0], [1], [2]]
+
+
+def test_scoring_batches_rows_that_decode_alike_together(monkeypatch):
+    """Rows are batched by generated tokens, then continuation length: a batch runs as long as its widest row."""
+    import lmedit.scoring as scoring
+
+    model = tiny("llama")
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0] + " and"]
+    targets = [[" a long answer of many words"], ["x"], [" a long answer of many words"], ["x"]]
+    reference = score_prompts(model, prompts, targets, greedy=[4, 0, 4, 0], batch_size=64)
+    seen: list[list[int]] = []
+    real = scoring._score_batch
+    monkeypatch.setattr(scoring, "_score_batch", lambda m, p, c, g: (seen.append(list(g)), real(m, p, c, g))[1])
+    grouped = score_prompts(model, prompts, targets, greedy=[4, 0, 4, 0], batch_size=2)
+    assert seen == [[0, 0], [4, 4]]
+    for a, b in zip(reference, grouped):  # same scores whatever the batches
+        assert a.generated_ids == b.generated_ids
+        assert [c.logprob for c in a.continuations] == pytest.approx([c.logprob for c in b.continuations], abs=1e-4)

@@ -240,19 +240,24 @@ def score_prompts(model: Any, prompts: Sequence[str], targets: Sequence[Sequence
     one-token answer costs no extra pass) and the cache is cropped back; greedy decoding runs from the
     same cache. ``greedy`` is the number of tokens to generate per prompt (EOS ends a row early).
     This is the evaluation hot path: a prompt with its answer, its competing answer and a generation
-    costs one prompt pass plus a few single-token steps.
+    costs one prompt pass plus a few single-token steps. Prompts are batched by how many tokens they
+    generate, then by their longest continuation, then by length: each decoding or teacher-forcing step
+    of a batch computes the full vocabulary's logits for every row as long as its widest one, so mixing
+    a 20-token answer with 3-token ones multiplies the work (ordering by prompt length alone took 1.8×
+    as long on 100 ZsRE cases of SmolLM2 and 1.9× on 50 of Gemma-3, same scores).
     """
     require_model(model, RequestError)
     check_texts(prompts, "prompts")
     if len(targets) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(targets)} target lists")
     wants = [greedy] * len(prompts) if isinstance(greedy, int) else list(greedy)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    encoded = {i: _prompt_ids(model, prompts[i]) for i in order}
-    conts = {i: [_continuation_ids(model, text, ids, t) for t in targets[i]] for i, (text, ids) in encoded.items()}
+    encoded = [_prompt_ids(model, p) for p in prompts]
+    conts = [[_continuation_ids(model, text, ids, t) for t in ts] for (text, ids), ts in zip(encoded, targets)]
+    longest = [max((len(c) for c in cs), default=1) for cs in conts]
+    # batch rows that decode and continue for as long as each other: every step of a batch runs its widest row
+    order = sorted(range(len(prompts)), key=lambda i: (wants[i], longest[i], len(encoded[i][1])))
     out: list[PromptScore | None] = [None] * len(prompts)
-    for idx in _logit_bounded_batches(order, [max((len(c) for c in conts[i]), default=1) for i in order],
-                                      batch_size, _vocab_size(model)):
+    for idx in _logit_bounded_batches(order, [longest[i] for i in order], batch_size, _vocab_size(model)):
         scores, generated = _score_batch(model, [encoded[i][1] for i in idx], [conts[i] for i in idx],
                                          [wants[i] for i in idx])
         for b, i in enumerate(idx):
