@@ -5,6 +5,7 @@
 #   lmedit report runs/*/
 # usage: benchmarks/eval_tables.sh [smollm2-135m gemma3-270m]
 set -euo pipefail
+{ # bash reads the whole block before running it: editing this file under a running benchmark is safe
 models=${*:-smollm2-135m gemma3-270m}
 N=${N:-500}
 for model in $models; do
@@ -21,3 +22,4 @@ for model in $models; do
   done
 done
 lmedit report runs/*/
+exit; }

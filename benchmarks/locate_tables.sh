@@ -3,6 +3,7 @@
 # CounterFact / ZsRE cases. Resumable: re-running continues every run where it stopped.
 #   N=100 benchmarks/locate_tables.sh smollm2-135m        then: lmedit report runs/*/
 set -euo pipefail
+{ # bash reads the whole block before running it: editing this file under a running benchmark is safe
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
 N=${N:-100}
@@ -20,3 +21,4 @@ for model in $models; do
   done
 done
 lmedit report runs/*/
+exit; }

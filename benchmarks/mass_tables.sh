@@ -5,6 +5,7 @@
 # reuses MEMIT's v* (as does a batch after single-edit runs of the same cases with the same settings).
 #   benchmarks/mass_tables.sh gemma3-270m          then: lmedit report runs/*-counterfact-*-1000/
 set -euo pipefail
+{ # bash reads the whole block before running it: editing this file under a running benchmark is safe
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
 N=${N:-1000}
@@ -20,3 +21,4 @@ for model in $models; do
   done
 done
 lmedit report runs/*-"$DATA"-none-"$N"/ runs/*-"$DATA"-*-batch-"$N"/
+exit; }
