@@ -9,6 +9,7 @@
 #   (MARKS: the scoring marks below T; T itself is always scored. This skips T = 600, which on Gemma-3's
 #   262k-token vocabulary takes about an hour single-threaded.)
 set -euo pipefail
+{ # bash reads the whole block before running it: editing this file under a running benchmark is safe
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
 models=${*:-smollm2-135m}
 T=${T:-1000}
@@ -36,3 +37,4 @@ for model in $models; do
   done
 done
 lmedit report runs/*-sequential-*
+exit; }
