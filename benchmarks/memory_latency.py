@@ -14,6 +14,7 @@ component (the same code path inference runs after real edits), with placeholder
   query pays the distance to all T keys at every position.
 - WISE-Merge: one side memory (merging keeps one for any T); WISE-Retrieve: one memory per merge group
   (``default_sharding``: ⌈T/1000⌉ at 7B; on small models every shard is kept, ⌈T/49⌉ on SmolLM2).
+  Each memory carries one anchor per edit (``retrieve_by="key"``, the default, picks the memory by them).
   Both are timed twice: routing only (no memory answers) and routed (a memory answers every query,
   the extra side-FFN product included) — real traffic lies between the two.
 - DEFER: one gate + adaptor (its size does not grow with T).
@@ -74,8 +75,11 @@ def wise(model: Any, T: int, path: str, mode: str, routed: bool) -> Patch:
     n = 1 if mode == "merge" else max(1, math.ceil(T / merge_every))  # memories once merged (or kept apart)
     g = torch.Generator().manual_seed(0)
     threshold = 0.0 if routed else float("inf")
+    edits = [min(T - i * merge_every, merge_every) if mode == "retrieve" else T for i in range(n)]
     memories = [Memory(uuid.uuid4().hex[:16], i, 1e-3 * torch.randn(d_model, d_mlp, generator=g), None,
-                       min(T, shard_size), threshold, 1.0, merged=mode == "merge") for i in range(n)]
+                       edits[i], threshold, 1.0, merged=mode == "merge",
+                       anchors=torch.nn.functional.normalize(torch.randn(edits[i], d_mlp, generator=g), dim=-1))
+                for i in range(n)]  # anchors: one per edit, as retrieve_by="key" (the default) stores them
     return Patch("wise", {}, [], model.fingerprint, [SideMemoryEdit(path, [], memories)])
 
 

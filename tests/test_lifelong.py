@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -264,8 +265,8 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
 # ---------------------------------------------------------------------------- WISE
 
 from lmedit.hooks import read_module  # noqa: E402
-from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, routing_activation,  # noqa: E402
-                                        ties_merge, token_weights)
+from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, mean_keys,  # noqa: E402
+                                        routing_activation, ties_merge, token_weights)
 from lmedit.methods.wise import REPLAY, WISE, WISEHParams, default_sharding  # noqa: E402
 
 UNRELATED = ("A completely different sentence about rivers", "Mountains rise above the quiet valley")
@@ -306,8 +307,8 @@ def test_side_memory_output_is_the_side_weight_when_routed(arch):
 
 
 def test_side_memory_retrieves_by_activation_relative_to_each_threshold():
-    """Of the memories over their threshold, the one with the largest Δ_act / ε answers — not the largest
-    raw Δ_act: B = 2·A fires twice as strongly as A everywhere, but A's threshold is 4× lower."""
+    """Memories without anchors: of those over their threshold, the one with the largest Δ_act / ε answers —
+    not the largest raw Δ_act: B = 2·A fires twice as strongly as A everywhere, but A's threshold is 4× lower."""
     model = tiny("llama")
     path = model.spec.path(1, "mlp_out")
     tau = torch.randn(model.spec.hidden_size, model.spec.mlp_size, generator=torch.Generator().manual_seed(0)) * 0.05
@@ -325,6 +326,44 @@ def test_side_memory_retrieves_by_activation_relative_to_each_threshold():
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [high, large])], {}).applied(model):
         _logits(model, prompt)
         assert _side(model)._route.tolist() == [1]
+
+
+def test_side_memory_with_anchors_answers_from_the_memory_holding_the_nearest_prompt(tmp_path):
+    """With anchors, the gate is unchanged (no memory over its threshold: the main memory answers) but the
+    memory whose stored mean key is nearest the input's answers, even with the lower relative activation;
+    anchors save and load with the patch, and one memory without anchors brings back activation routing."""
+    model = tiny("llama")
+    path = model.spec.path(1, "mlp_out")
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(model.spec.hidden_size, model.spec.mlp_size, generator=g) * 0.05
+    prompt = "The colour of grass is"
+    before = _logits(model, prompt)
+    batch = encode(model, [prompt])
+    weights = token_weights(batch.attention_mask, *batch.input_ids.shape, model.device)
+    keys = read_module(model, batch, path).float()
+    a = float(routing_activation(keys, tau, weights))
+    own = mean_keys(keys, weights)  # [1, d_mlp], unit length
+    far = torch.nn.functional.normalize(torch.randn(2, model.spec.mlp_size, generator=g), dim=-1)
+    assert float((own @ far.T).abs().max()) < 0.9  # random directions: far from the prompt
+    near = Memory("a", 0, tau, None, 1, a / 2, 1.0, anchors=torch.cat([far[:1], own]))  # relative activation 2
+    strong = Memory("b", 1, 2 * tau, None, 1, a / 4, 1.0, anchors=far[1:])  # relative activation 8
+    patch = Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [near, strong])], {})
+    with patch.applied(model):
+        _logits(model, prompt)
+        assert _side(model)._route.tolist() == [0]
+    loaded = Patch.load(patch.save(tmp_path / "p"))
+    assert all(torch.equal(m.anchors, n.anchors) for m, n in zip(loaded.components[0].after, [near, strong]))
+    with loaded.applied(model):
+        _logits(model, prompt)
+        assert _side(model)._route.tolist() == [0]
+    silent = [replace(m, min_act=1e9) for m in (near, strong)]  # nobody over the threshold
+    with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], silent)], {}).applied(model):
+        assert torch.equal(_logits(model, prompt), before)
+        assert _side(model)._route.tolist() == [-1]
+    mixed = [near, replace(strong, anchors=None)]
+    with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], mixed)], {}).applied(model):
+        _logits(model, prompt)
+        assert _side(model)._route.tolist() == [1]  # activation: b's Δ_act / ε is 8 against a's 2
 
 
 def test_ties_merge_trims_elects_and_averages():
@@ -432,6 +471,36 @@ def test_wise_retrieve_keeps_small_models_dense_shards_apart():
     for r in requests:
         _logits(model, r.prompt)
         assert _side(model)._route.tolist() != [-1]
+
+
+def test_wise_records_anchors_and_gives_them_to_memories_written_without(tmp_path):
+    """retrieve_by="key" (default) stores each edit prompt's unit mean key with its memory and routes each
+    prompt to the memory holding it; a memory written without anchors (``"activation"``, or an older
+    patch) gets them at the next edit, its τ untouched, and reverting that edit takes them away again."""
+    model = tiny("llama", seed=4)
+    hp = {**TINY_WISE, "steps": 20, "mode": "retrieve", "mask_ratio": 1.0}
+    requests = [lmedit.EditRequest("The colour of {} is ", "grass", "Z"),
+                lmedit.EditRequest("The taste of {} is ", "lemons", "Q")]
+    lmedit.edit(model, requests[0], method="wise", retrieve_by="activation", **hp).apply(model).commit()
+    [old] = _side(model).memories
+    assert old.anchors is None
+    second = lmedit.edit(model, requests[1], method="wise", **hp).apply(model)
+    memories = _side(model).memories
+    assert [m.anchors.shape for m in memories] == [(1, model.spec.mlp_size)] * 2
+    assert torch.allclose(memories[0].anchors.norm(dim=-1), torch.ones(1))
+    assert torch.equal(memories[0].delta, old.delta) and memories[0].version == old.version + 1
+    for i, r in enumerate(requests):
+        _logits(model, r.prompt)
+        assert _side(model)._route.tolist() == [i]
+    loaded = Patch.load(second.save(tmp_path / "p"))
+    assert all(torch.equal(a.anchors, b.anchors) for a, b in zip(loaded.components[0].after, second.components[0].after))
+    second.revert()
+    [back] = _side(model).memories
+    assert back.anchors is None and torch.equal(back.delta, old.delta)
+    with pytest.raises(lmedit.LmeditError, match="retrieve_by"):
+        lmedit.edit(model, requests[1], method="wise", retrieve_by="nearest", **hp)
+    [still] = _side(model).memories
+    assert still.anchors is None and torch.equal(still.delta, old.delta)
 
 
 def test_wise_retrieve_replays_earlier_memories_prompts_under_the_alpha_ceiling(tmp_path):

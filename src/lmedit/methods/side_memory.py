@@ -7,19 +7,29 @@ tokens), the **routing activation** of a memory is
 
     Δ_act(x) = mean_t ‖τ a_t‖₂ = mean_t ‖(W′ − W) a_t‖₂
 
-over the input's tokens (padding and the document-start token excluded). A memory may answer if
-``Δ_act ≥ ε = act_ratio · min_act`` (``min_act``: the smallest activation of its own edits' prompts);
-of those, the one with the largest ``Δ_act / ε`` answers, replacing the layer output by ``W′ a``;
-if none may, the main memory ``W`` answers unchanged. The decision is taken on the prompt and held for
+over the input's tokens (padding and the document-start token excluded). The side memory answers if
+some memory has ``Δ_act ≥ ε = act_ratio · min_act`` (``min_act``: the smallest activation of its own
+edits' prompts); one memory then answers (see "Retrieval"), replacing the layer output by ``W′ a``;
+if none fires, the main memory ``W`` answers unchanged. The decision is taken on the prompt and held for
 the tokens generated after it (KV-cached decoding).
 
-**Retrieval (lmedit's change).** The paper retrieves the memory with the largest raw ``Δ_act``. Shards
+**Retrieval (lmedit's changes).** The paper retrieves the memory with the largest raw ``Δ_act``. Shards
 differ in scale — on SmolLM2 a later dense shard fires at 119–175 on an earlier shard's prompts, which
 that shard answers at 127–200 — so raw activations misroute; measured in units of each memory's own
 threshold they do not as often (100 sequential ZsRE edits in shards of 49: edit prompts answered by
 their own memory 81 → 92 of 100, rephrasings 78 → 91; unrelated questions routed in: 0 either way).
+Activations still separate memories poorly once there are many: dense shards trained only against
+unrelated text fire on each other's prompts almost as much as on their own (280 edits in 6 memories:
+own prompts 74 ± 8, other memories' prompts 61 ± 8), and 46 of 280 edit prompts and 55 of 280
+rephrasings (teacher-forced, target included) went to another memory. So a memory may also carry
+**anchors**: the unit-length mean key ``ā = Σ_t w_t a_t / Σ_t w_t`` of each of its edits' prompts (the
+tokens ``Δ_act`` counts). The gate stays WISE's — the side memory answers only if some memory's
+``Δ_act ≥ ε`` — but *which* memory answers is then the one holding the anchor nearest the input's own
+mean key by cosine (``max_j ā_j · ā(x) / ‖ā(x)‖``). On those 280 edits: 280 of 280 prompts and 270 of
+280 rephrasings to their own memory, unrelated questions routed in unchanged (0). Memories without
+anchors (patches from before, or WISE's ``retrieve_by="activation"``) are chosen by relative activation.
 
-``measured_threshold`` sets a memory's ``min_act`` from its edits' prompts as inference routes them.
+``measured_routing`` sets a memory's ``min_act`` (and anchors) from its edits' prompts as inference routes them.
 ``SideMemoryEdit`` is the patch component: the memories an edit replaced and the ones it wrote
 (dense ``τ`` before/after), so WISE edits save, load and revert exactly like weight edits.
 ``ties_merge`` merges shards. Training lives in ``lmedit.methods.wise``.
@@ -52,6 +62,7 @@ class Memory:
     shards: int = 1
     merged: bool = False
     version: int = 0
+    anchors: torch.Tensor | None = None  # float32 [edits, d_mlp]: unit mean keys of its edits' prompts
     prompts: list[str] = field(default_factory=list)  # its edits' prompts (replayed when training later shards)
     targets: list[str] = field(default_factory=list)  # their targets (rehearsed while the shard is open)
 
@@ -62,7 +73,8 @@ class Memory:
     def meta(self) -> dict[str, Any]:
         return {"id": self.id, "serial": self.serial, "edits": self.edits, "min_act": self.min_act,
                 "act_ratio": self.act_ratio, "shards": self.shards, "merged": self.merged, "version": self.version,
-                "has_mask": self.mask is not None, "prompts": list(self.prompts),
+                "has_mask": self.mask is not None,
+                "has_anchors": self.anchors is not None, "prompts": list(self.prompts),
                 "targets": list(self.targets)}
 
 
@@ -90,9 +102,10 @@ def routing_activation(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tens
     return (norms * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def measured_threshold(model: Any, path: str, memory: Memory) -> Memory:
+def measured_routing(model: Any, path: str, memory: Memory, anchors: bool = True) -> Memory:
     """``memory`` with ``min_act = min_j Δ_act(x_j)`` over its edits' bare prompts under its ``τ`` as it is
-    now, computed exactly as inference routes them (``routing_activation`` on ``prompt_keys``).
+    now, computed exactly as inference routes them (``routing_activation`` on ``prompt_keys``), and, with
+    ``anchors``, the unit mean key of each prompt (``mean_keys``; ``None`` otherwise).
 
     The paper keeps the smallest in-scope activation each edit reached *when it was trained*. Both later
     training and merging move those activations: after 131 sequential ZsRE edits on SmolLM2 the recorded
@@ -101,12 +114,18 @@ def measured_threshold(model: Any, path: str, memory: Memory) -> Memory:
     rephrasings still routed in); two dense shards of 25 edits merged routed 23 of 50 in (Loc. 0.74 → 1.00).
     """
     if not memory.prompts:
-        return memory
+        return replace(memory, anchors=None)
     keys = prompt_keys(model, path, memory.prompts)
     padded = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).float()
     weights = torch.nn.utils.rnn.pad_sequence([torch.ones(len(k), device=model.device) for k in keys], batch_first=True)
     acts = routing_activation(padded, memory.delta.to(model.device), weights)
-    return replace(memory, min_act=float(acts.min()))
+    return replace(memory, min_act=float(acts.min()), anchors=mean_keys(padded, weights).cpu() if anchors else None)
+
+
+def mean_keys(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Unit-length weighted mean key per row, ``ā / ‖ā‖`` with ``ā = Σ_t w_t a_t / Σ_t w_t`` (float32 ``[B, d_mlp]``)."""
+    mean = (x.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+    return torch.nn.functional.normalize(mean, dim=-1)
 
 
 def prompt_keys(model: Any, path: str, prompts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
@@ -168,30 +187,39 @@ class SideMemory(Adaptor):
         return SideMemoryEdit(self.path, [], [copy_memory(m) for m in self.memories])
 
     # -------------------------------------------------------------------------------- inference
-    def _delta(self, memory: Memory, device: torch.device) -> torch.Tensor:
+    def _on(self, memory: Memory, name: str, device: torch.device) -> torch.Tensor:
+        """``memory.delta`` or ``memory.anchors`` on ``device``, kept there while the memory's version lasts."""
         cache = self._on_device if self._on_device is not None else {}
-        key = (memory.id, memory.version, str(device))
+        key = (memory.id, memory.version, str(device), name)
         if key not in cache:
-            cache = {k: v for k, v in cache.items() if k[0] != memory.id}
-            cache[key] = memory.delta.to(device)
+            cache = {k: v for k, v in cache.items() if k[0] != memory.id or k[1] == memory.version}
+            cache[key] = getattr(memory, name).to(device)
         self._on_device = cache
         return cache[key]
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the answering memory per row of ``x`` ``[B, T, d_mlp]`` (``-1``: the main memory)."""
+        """Index of the answering memory per row of ``x`` ``[B, T, d_mlp]`` (``-1``: the main memory): none
+        unless some memory's ``Δ_act ≥ ε``; then the one with the nearest anchor if all memories carry
+        anchors, else the one with the largest ``Δ_act / ε`` among those over their threshold."""
         batch, length = x.shape[:2]
         mask = self._attention
         cached = mask is not None and mask.dim() == 2 and mask.shape[1] > length  # a continuation of a prefix
         if cached and self._route is not None and self._route.shape[0] == batch:
             return self._route
         weights = token_weights(mask, batch, length, x.device, prefill=not cached)
-        acts = torch.stack([routing_activation(x, self._delta(m, x.device), weights) for m in self.memories])
+        acts = torch.stack([routing_activation(x, self._on(m, "delta", x.device), weights) for m in self.memories])
         self.last_activations = acts
         thresholds = torch.tensor([m.threshold for m in self.memories], device=x.device)[:, None]
-        relative = acts / thresholds.clamp(min=1e-12)
-        best, index = torch.where(acts >= thresholds, relative, torch.full_like(acts, -1.0)).max(dim=0)
-        self._route = torch.where(best >= 0, index, torch.full_like(index, -1))
+        fired = acts >= thresholds
+        if len(self.memories) > 1 and all(m.anchors is not None for m in self.memories):
+            query = mean_keys(x, weights)
+            score = torch.stack([(self._on(m, "anchors", x.device) @ query.T).amax(0) for m in self.memories])
+            index = score.argmax(0)
+        else:
+            relative = torch.where(fired, acts / thresholds.clamp(min=1e-12), torch.full_like(acts, -1.0))
+            index = relative.argmax(0)
+        self._route = torch.where(fired.any(0), index, torch.full_like(index, -1))
         return self._route
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
@@ -205,7 +233,7 @@ class SideMemory(Adaptor):
             if i < 0:
                 continue
             rows = route == i
-            delta = self._delta(self.memories[i], x.device)
+            delta = self._on(self.memories[i], "delta", x.device)
             new[rows] = out[rows] + (x[rows].to(delta.dtype) @ delta.T).to(out.dtype)
         return new
 
@@ -227,7 +255,8 @@ class SideMemory(Adaptor):
 
 
 def copy_memory(m: Memory) -> Memory:
-    return replace(m, delta=m.delta.clone(), mask=None if m.mask is None else m.mask.clone())
+    return replace(m, delta=m.delta.clone(), mask=None if m.mask is None else m.mask.clone(),
+                   anchors=None if m.anchors is None else m.anchors.clone())
 
 
 @dataclass(eq=False)
@@ -261,6 +290,8 @@ class SideMemoryEdit(Component):
                 out[f"{side}.{i}.delta"] = m.delta
                 if m.mask is not None:
                     out[f"{side}.{i}.mask"] = m.mask
+                if m.anchors is not None:
+                    out[f"{side}.{i}.anchors"] = m.anchors
         return out
 
     def manifest(self) -> dict[str, Any]:
@@ -272,9 +303,10 @@ class SideMemoryEdit(Component):
             out = []
             for i, meta in enumerate(manifest[side]):
                 meta = dict(meta)
-                has_mask = meta.pop("has_mask")
+                has_mask, has_anchors = meta.pop("has_mask"), meta.pop("has_anchors", False)  # older patches: none
                 out.append(Memory(delta=tensors[f"{side}.{i}.delta"],
-                                  mask=tensors[f"{side}.{i}.mask"].bool() if has_mask else None, **meta))
+                                  mask=tensors[f"{side}.{i}.mask"].bool() if has_mask else None,
+                                  anchors=tensors[f"{side}.{i}.anchors"] if has_anchors else None, **meta))
             return out
 
         return cls(manifest["path"], load("before"), load("after"))

@@ -72,8 +72,15 @@ still routed to the right memory (59 of 61). A 100-edit run with replay had rout
 questions into the second shard (Loc. 0.33).
 
 **Threshold (lmedit's change).** A memory's ``min_act`` is measured on its edits' bare prompts under its
-``τ`` as it is after each edit and each merge (``side_memory.measured_threshold``), not kept from training
+``τ`` as it is after each edit and each merge (``side_memory.measured_routing``), not kept from training
 time: later edits and merges move every activation (see there for the figures). Training is unchanged.
+
+**Retrieval (lmedit's change).** With several memories, ``retrieve_by="key"`` (default) lets WISE's gate
+decide *whether* the side memory answers and the nearest stored prompt key decide *which* memory does
+(``side_memory``'s docstring has the rule and the figures: on SmolLM2, 280 sequential ZsRE edits in 6
+memories, rephrasings answered by their own memory 225 → 270 of 280); ``"activation"`` is the paper's choice
+by activation (relative to each memory's threshold). Memories written without anchors get them at the
+next edit with ``"key"``.
 """
 from __future__ import annotations
 
@@ -88,7 +95,7 @@ from lmedit.errors import EditError
 from lmedit.hooks import Hooks, ReplayBelow, read_module
 from lmedit.methods.base import HParams, Method, Stopwatch
 from lmedit.methods.keyvalue import context_templates
-from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, measured_threshold,
+from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, copy_memory, measured_routing,
                                         routing_activation, ties_merge, token_weights)
 from lmedit.methods.unrelated import sample_per_request, unrelated_sentences
 from lmedit.models.spec import get_module, is_conv1d
@@ -120,6 +127,9 @@ class WISEHParams(HParams):
         replay: earlier memories' edit prompts replayed per edit with the α ceiling (``L_memo``;
             default 2 in retrieve mode with sparse shards, the paper's; 0 in merge mode, where all shards
             end in one memory anyway, and with dense shards, where it makes the new shard fire on everything).
+        retrieve_by: how a memory is chosen once WISE's gate lets an input into the side memory:
+            ``"key"`` (the memory holding the edit prompt nearest the input by mean key; lmedit's) or
+            ``"activation"`` (the largest Δ_act relative to the memory's threshold, the paper's up to that).
         rehearse: earlier edits of the open shard trained again (bare prompt and target) per new edit, so
             later edits of a shard do not overwrite earlier ones (lmedit's addition, default 4; 0 is the
             paper's WISE; see the module docstring).
@@ -145,6 +155,7 @@ class WISEHParams(HParams):
     irrelevant: tuple[str, ...] | None = None
     replay: int | None = None
     rehearse: int = 4
+    retrieve_by: Literal["key", "activation"] = "key"
     seed: int = 0
 
     def _defaults(self, model: Any) -> dict[str, Any]:
@@ -202,18 +213,22 @@ class WISE(Method):
         finally:
             if isinstance(side, SideMemory):
                 side.enabled = True
-        written = measured_threshold(model, path, replace(
+        anchors = hp.retrieve_by == "key"
+        written = measured_routing(model, path, replace(
             shard, delta=delta, edits=shard.edits + len(requests), version=shard.version + 1,
-            prompts=shard.prompts + [r.prompt for r in requests], targets=shard.targets + [r.target_new for r in requests]))
+            prompts=shard.prompts + [r.prompt for r in requests], targets=shard.targets + [r.target_new for r in requests]),
+            anchors)
         if written.edits >= hp.shard_size:
             written.mask = None  # the shard is full: closed
-        post = [m for m in memories if m.id != shard.id] + [written]
+        unanchored = {m.id for m in memories if anchors and m.anchors is None and m.prompts and m.id != shard.id}
+        post = [measured_routing(model, path, replace(m, version=m.version + 1)) if m.id in unanchored else m
+                for m in memories if m.id != shard.id] + [written]  # memories written without anchors get them
         total = sum(m.edits for m in post)
         merged_now = total // hp.merge_every > (total - len(requests)) // hp.merge_every
         if merged_now:  # Merge: everything into one memory; Retrieve: the shards since the last merge
             group = [m for m in post if hp.mode == "merge" or not m.merged]
             with watch("merge"):
-                merged = measured_threshold(model, path, _merge(group, hp, serial=min(m.serial for m in group)))
+                merged = measured_routing(model, path, _merge(group, hp, serial=min(m.serial for m in group)), anchors)
             post = [m for m in post if m not in group] + [merged]
         removed = [m for m in memories if not any(m is q for q in post)]
         added = [q for q in post if not any(q is m for m in memories)]
@@ -367,6 +382,8 @@ def _merge(group: Sequence[Memory], hp: WISEHParams, serial: int) -> Memory:
 def _check(hp: WISEHParams) -> None:
     if hp.mode not in ("merge", "retrieve"):
         raise EditError(f"WISE mode must be 'merge' or 'retrieve', not {hp.mode!r}")
+    if hp.retrieve_by not in ("key", "activation"):
+        raise EditError(f"WISE retrieve_by must be 'key' or 'activation', not {hp.retrieve_by!r}")
     if hp.mask_ratio is None or not 0 < hp.mask_ratio <= 1:
         raise EditError(f"mask_ratio must be in (0, 1], not {hp.mask_ratio}")
     # the counts' ranges (rehearse, replay, shard_size, merge_every) are checked by HParams itself
