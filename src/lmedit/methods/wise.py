@@ -129,7 +129,8 @@ class WISEHParams(HParams):
             end in one memory anyway, and with dense shards, where it makes the new shard fire on everything).
         retrieve_by: how a memory is chosen once WISE's gate lets an input into the side memory:
             ``"key"`` (the memory holding the edit prompt nearest the input by mean key; lmedit's) or
-            ``"activation"`` (the largest Δ_act relative to the memory's threshold, the paper's up to that).
+            ``"activation"`` (the largest Δ_act relative to the memory's threshold; the paper takes the
+            largest raw Δ_act).
         rehearse: earlier edits of the open shard trained again (bare prompt and target) per new edit, so
             later edits of a shard do not overwrite earlier ones (lmedit's addition, default 4; 0 is the
             paper's WISE; see the module docstring).
