@@ -219,6 +219,44 @@ def test_a_resumed_sequential_run_scores_as_an_uninterrupted_one(model, tmp_path
     assert scores(resumed) == scores(whole)
 
 
+def test_a_run_killed_while_checkpointing_resumes_from_a_whole_checkpoint(model, tmp_path):
+    """A checkpoint is written aside and swapped in, so a kill leaves a whole one: killed mid-swap (only
+    ``patch.old`` left), the run resumes from it; killed after the swap but before the progress file (the patch
+    one checkpoint ahead), it resumes from the patch's own count and makes no edit twice."""
+    reqs = _requests(model, 4)
+    whole = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=tmp_path / "a",
+                     progress=False, generation=False)
+
+    def scores(report):
+        return sorted(({k: v for k, v in r.items() if not k.startswith("edit_")} for r in report.records
+                       if r["T"] == 4), key=lambda r: r["case_id"])
+
+    for damage in ("mid-swap", "progress behind"):
+        out = tmp_path / damage
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, dies_on_third_call()(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2],
+                     out_dir=out, progress=False, generation=False)
+        state = out / "state"
+        assert sorted(p.name for p in state.iterdir()) == ["patch", "progress.json"]  # nothing half-written left
+        assert json.loads((state / "progress.json").read_text())["chunks_done"] == 2
+        if damage == "mid-swap":
+            (state / "patch").rename(state / "patch.old")
+        else:
+            (state / "progress.json").write_text(json.dumps({"chunks_done": 1, "failed": {}}))
+
+        class Counting(FTM):
+            calls = 0
+
+            def compute(self, *args, **kwargs):
+                Counting.calls += 1
+                return super().compute(*args, **kwargs)
+
+        resumed = evaluate(model, Counting(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out,
+                           resume=True, progress=False, generation=False)
+        assert Counting.calls == 2  # cases 3 and 4 only
+        assert scores(resumed) == scores(whole)
+
+
 def test_a_run_killed_while_writing_a_record_resumes_and_redoes_that_case(model, tmp_path):
     reqs = _requests(model, 3)
     out = tmp_path / "run"

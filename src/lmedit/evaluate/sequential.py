@@ -9,6 +9,7 @@ Whatever happens, the model leaves ``run_sequential`` exactly as it came in.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -51,9 +52,12 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
     done_chunks = 0
     if state_dir is not None and (state_dir / "progress.json").exists():
         progress = json.loads((state_dir / "progress.json").read_text())
-        done_chunks = progress["chunks_done"]
-        run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
+        if not (state_dir / "patch").exists() and (state_dir / "patch.old").exists():
+            (state_dir / "patch.old").rename(state_dir / "patch")  # killed mid-swap: the previous checkpoint
         saved = Patch.load(state_dir / "patch")
+        # the patch's own count: a kill between its swap and the progress file leaves it one checkpoint ahead
+        done_chunks = int(saved.info.get("chunks_done", progress["chunks_done"]))
+        run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
         _remember(model, saved, originals)
         saved.apply(model).commit()
         bar.update(min(total, done_chunks * batch_size))
@@ -118,7 +122,16 @@ def _checkpoint(model: Any, originals: dict[str, torch.Tensor], state_dir: Path,
     params = dict.fromkeys(c.param for c in model.cache.get("edited_keys", []))
     deltas += [EditedKeys(param, edited_keys(model, param)) for param in params]  # type: ignore[arg-type]
     deltas += [adaptor.as_component() for adaptor in adaptors(model).values()]
-    Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(state_dir / "patch")
+    # written whole, then swapped in by renames, so a kill at any instant leaves one complete checkpoint
+    fresh, current, old = state_dir / "patch.tmp", state_dir / "patch", state_dir / "patch.old"
+    for stale in (fresh, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    Patch(method, {}, [], model.fingerprint, deltas, {"chunks_done": chunks_done}).save(fresh)
+    if current.exists():
+        current.rename(old)
+    fresh.rename(current)
+    shutil.rmtree(old, ignore_errors=True)
     tmp = state_dir / "progress.json.tmp"
     tmp.write_text(json.dumps({"chunks_done": chunks_done, "failed": failed}))
     tmp.replace(state_dir / "progress.json")
