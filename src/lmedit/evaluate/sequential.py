@@ -4,8 +4,9 @@ checkpoints ``T``; the accumulated edit is checkpointed in ``out_dir/state`` so 
 The checkpoint is one ``Patch`` of ``W_now − W_original`` deltas for every weight any edit changed, the
 keys recorded by methods that preserve earlier edits (AlphaEdit) and the adaptors' memories (GRACE's
 codebook, WISE's side memories, DEFER's gate), with ``progress.json`` naming how many edit calls it holds
-(the patch records the count too, and a resume trusts the patch's). Each checkpoint is written to ``patch.tmp``
-and swapped in by renames, so a kill at any instant leaves one whole checkpoint. Whatever happens, the model leaves ``run_sequential`` exactly as it came in.
+(the patch records the count too, and a resume trusts the patch's). Each checkpoint is written to
+``patch.tmp`` and swapped in by renames, so a kill at any instant leaves one whole checkpoint. Whatever
+happens, the model leaves ``run_sequential`` exactly as it came in.
 """
 from __future__ import annotations
 

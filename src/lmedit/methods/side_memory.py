@@ -123,7 +123,8 @@ def measured_routing(model: Any, path: str, memory: Memory, anchors: bool = True
 
 
 def mean_keys(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Unit-length weighted mean key per row, ``ā / ‖ā‖`` with ``ā = Σ_t w_t a_t / Σ_t w_t`` (float32 ``[B, d_mlp]``)."""
+    """Unit-length weighted mean key per row, ``ā / ‖ā‖`` with ``ā = Σ_t w_t a_t / Σ_t w_t``
+    (float32 ``[B, d_mlp]``)."""
     mean = (x.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
     return torch.nn.functional.normalize(mean, dim=-1)
 

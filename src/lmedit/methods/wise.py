@@ -221,9 +221,8 @@ class WISE(Method):
             anchors)
         if written.edits >= hp.shard_size:
             written.mask = None  # the shard is full: closed
-        unanchored = {m.id for m in memories if anchors and m.anchors is None and m.prompts and m.id != shard.id}
-        post = [measured_routing(model, path, replace(m, version=m.version + 1)) if m.id in unanchored else m
-                for m in memories if m.id != shard.id] + [written]  # memories written without anchors get them
+        post = [measured_routing(model, path, replace(m, version=m.version + 1))  # written without anchors: give them
+                if anchors and m.anchors is None and m.prompts else m for m in memories if m.id != shard.id] + [written]
         total = sum(m.edits for m in post)
         merged_now = total // hp.merge_every > (total - len(requests)) // hp.merge_every
         if merged_now:  # Merge: everything into one memory; Retrieve: the shards since the last merge
