@@ -655,3 +655,30 @@ def test_defer_gate_opens_on_the_edit_only_and_reverts(arch, tmp_path):
     with Patch.load(tmp_path / "d").applied(model):
         again = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
     assert again == pytest.approx(after, abs=1e-6)
+
+
+def test_defer_gate_step_does_not_depend_on_the_scale_of_the_keys():
+    """Keys 8x smaller (``up_proj`` / 8, ``down_proj`` x 8: the model's outputs unchanged) get an 8x larger gate lr,
+    so the same default settings write the edit and keep the gate shut elsewhere on both models."""
+    from lmedit.adaptors import adaptors as attached
+
+    lrs = []
+    for scale in (1.0, 1 / 8):
+        model = tiny("llama")
+        mlp = model.module.model.layers[1].mlp
+        with torch.no_grad():
+            mlp.up_proj.weight.mul_(scale)
+            mlp.down_proj.weight.div_(scale)
+        other = _logits(model, UNRELATED[0])
+        patch = lmedit.edit(model, EDIT, method="defer", layer=1, lr=1e-2, steps=60, irrelevant=UNRELATED, n_irrelevant=2)
+        lrs.append(patch.info["gate_lr"])
+        assert patch.info["bce"] < 0.1  # the gate learned to tell the edit from the unrelated sentences
+        with patch.applied(model):
+            assert score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob > -0.2
+            [gate] = attached(model).values()
+            assert torch.equal(_logits(model, UNRELATED[0]), other)  # the gate stays shut there
+            assert float(gate.last_gate.max()) < 0.5
+    assert lrs[1] == pytest.approx(8 * lrs[0], rel=1e-2)
+    fixed = lmedit.edit(model, EDIT, method="defer", layer=1, lr=1e-2, steps=60, irrelevant=UNRELATED, n_irrelevant=2,
+                        gate_lr=lrs[0])
+    assert fixed.info["bce"] > 0.3  # the first model's lr, kept fixed, barely moves the small keys' gate

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 AT_LEAST_ONE = frozenset({"steps", "rank", "stats_tokens", "fisher_tokens", "shards", "shard_size", "merge_every",
                           "value_group"})
-POSITIVE = frozenset({"lr", "gate_lr", "eps_init"})
+POSITIVE = frozenset({"lr", "gate_lr", "gate_step", "eps_init"})
 NON_NEGATIVE = frozenset({"n_irrelevant", "rehearse", "replay", "weight_decay", "kl_factor", "l2", "ridge",
                           "ewc_lambda", "max_neurons", "stop_loss"})
 """Ranges shared by every method's hyper-parameters of these names, checked when an ``HParams`` is built, so

@@ -4,7 +4,7 @@ Beside one layer's ``W_out`` sit a **gate** ``g(a) = σ(w·a + b)`` and an **ada
 (``V`` starts as a copy of ``W_out``, so an untrained adaptor changes nothing). For the key ``a_t`` at
 each position, the layer's output becomes ``u(a_t)`` where ``g(a_t) ≥ threshold`` (0.5) and stays
 ``W_out a_t`` elsewhere. Training uses the soft mixture ``g·u(a) + (1 − g)·W_out a`` at every position
-and minimises, with Adam (adaptor lr 5e-4, gate lr 1e-3, 50 steps),
+and minimises, with Adam (adaptor lr 5e-4, 50 steps; the gate's lr below),
 
     L = NLL(y | x_e) + BCE(g, 1) on x_e's positions from its last prompt token on
                      + BCE(g, 0) on every position of unrelated sentences x_irr.
@@ -12,6 +12,14 @@ and minimises, with Adam (adaptor lr 5e-4, gate lr 1e-3, 50 steps),
 Only the gate and adaptor on ``W_out``'s output train, so the keys ``a`` (``W_out``'s inputs) stay fixed:
 the unrelated sentences enter the loss only through ``g(a)`` and are run once, up to ``W_out``; only the
 edit rows, which need the target's NLL, run every step (from the edited layer up, the blocks below replayed).
+
+**The gate's step does not depend on the scale of the keys.** Adam moves each coordinate of ``w`` by about
+its lr per step, so the logit ``w·a`` moves by about ``lr · ‖a‖₁``: a fixed gate lr is a slow gate on a model
+whose keys are small. Gemma-3-270M's keys at the DEFER layer are ~8× smaller than SmolLM2-135M's (mean ‖a‖₁
+57 against 448 on ZsRE edits), and with lr 1e-3 its gate stays near 0.5 and the hard gate keeps the adaptor
+shut (Rel. 0.40 at T = 1). So the gate's lr is ``gate_step / mean ‖a‖₁`` over the keys it is trained on in
+this edit (its logit then moves by about ``gate_step`` per step on any model); ``gate_step = 0.45`` gives
+SmolLM2 ≈ 1e-3, the lr it was tuned with. ``gate_lr`` set explicitly overrides this.
 
 The reference toolkit's Llama-2 setting (lr 7e-5, 100 steps, for an adaptor initialised at random)
 leaves a SmolLM2 ZsRE edit unlearned (target NLL 0.78 after 100 steps); from the ``W_out`` copy,
@@ -146,7 +154,9 @@ class DEFERHParams(HParams):
 
     Attributes:
         layer: the layer whose ``W_out`` gets the gate and adaptor (default: depth fraction 27/31).
-        lr: Adam learning rate of the adaptor; gate_lr: of the gate.  steps: optimisation steps.
+        lr: Adam learning rate of the adaptor.  steps: optimisation steps.
+        gate_step: the gate's learning rate in logit units: its lr is ``gate_step / mean ‖a‖₁`` over the keys it
+            is trained on (see the module docstring).  gate_lr: a fixed lr for the gate instead.
         threshold: the gate value from which the adaptor answers.
         n_irrelevant: unrelated inputs per edit (``irrelevant`` if given, else ``unrelated.unrelated_sentences(corpus)``:
             sentences of a text corpus, or an edit dataset's locality prompts, e.g. ``corpus="zsre-train"``).
@@ -154,7 +164,8 @@ class DEFERHParams(HParams):
 
     layer: int | None = None
     lr: float = 5e-4
-    gate_lr: float = 1e-3
+    gate_step: float = 0.45
+    gate_lr: float | None = None
     steps: int = 50
     threshold: float = 0.5
     n_irrelevant: int = 4
@@ -210,20 +221,22 @@ class DEFER(Method):
             gate_on[b, width - n_target - 1:] = True
         n_target_tokens = edit.target_mask.sum(1).clamp(min=1)
         params = {k: v.to(device).clone().requires_grad_(True) for k, v in start.items()}
-        optimizer = torch.optim.Adam([
-            {"params": [params["gate_w"], params["gate_b"]], "lr": hp.gate_lr},
-            {"params": [params["value_w"], params["value_b"]], "lr": hp.lr}])
         blocks = get_module(model.module, model.spec.blocks)
         if current is not None:
             current.detach()  # training replaces the layer output itself
         loss = nll = bce = torch.zeros(())
         try:
             off_keys = torch.zeros(0, start["gate_w"].shape[0], device=device)
-            if unrelated:
-                other = encode(model, unrelated).to(device)
-                with torch.no_grad():
+            with torch.no_grad():
+                on_keys = read_module(model, edit, path).float()[gate_on]
+                if unrelated:
+                    other = encode(model, unrelated).to(device)
                     off_keys = read_module(model, other, path).float()[other.attention_mask > 0]
-            labels = torch.cat([torch.ones(int(gate_on.sum()), device=device), torch.zeros(len(off_keys), device=device)])
+            gate_lr = hp.gate_lr or hp.gate_step / float(torch.cat([on_keys, off_keys]).abs().sum(-1).mean().clamp(min=1e-6))
+            optimizer = torch.optim.Adam([
+                {"params": [params["gate_w"], params["gate_b"]], "lr": gate_lr},
+                {"params": [params["value_w"], params["value_b"]], "lr": hp.lr}])
+            labels = torch.cat([torch.ones(len(on_keys), device=device), torch.zeros(len(off_keys), device=device)])
             with ReplayBelow(blocks, model.spec._layer(hp.layer)), torch.enable_grad():
                 gates: dict[str, torch.Tensor] = {}
 
@@ -251,4 +264,4 @@ class DEFER(Method):
             if current is not None:
                 current.attach(model)
         return _clone(params), {"loss": round(float(loss.detach()), 4), "nll": round(float(nll.detach()), 4),
-                                 "bce": round(float(bce.detach()), 4)}
+                                 "bce": round(float(bce.detach()), 4), "gate_lr": float(f"{gate_lr:.3g}")}
