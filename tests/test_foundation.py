@@ -732,6 +732,39 @@ def test_score_continuations_matches_manual_log_softmax(arch):
         assert int((lp[b] != 0).sum()) == len(score.token_ids)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_logprobs_unembeds_only_the_positions_that_predict_a_target(arch):
+    """The unembedding sees one row per target token (not the batch's padding nor the last position), and the
+    log-probs and their gradients are those of the full logits."""
+    from lmedit.scoring import forward_logits
+
+    model = tiny(arch)
+    targets = [" Paris", "x", "yz and more"]
+    batch = encode(model, PROMPTS, targets)
+    seen = []
+    unembed = model.module.get_output_embeddings()
+    handle = unembed.register_forward_hook(lambda _m, args, out: seen.append(tuple(args[0].shape[:-1])))
+    delta = torch.zeros(1, requires_grad=True)  # a scale on the embeddings, to compare gradients through
+    first = get_module(model.module, model.spec.embed)
+    hook = first.register_forward_hook(lambda _m, _a, out: out * (1 + delta))
+    try:
+        with torch.enable_grad():
+            lp = target_logprobs(model, batch)
+            (grad,) = torch.autograd.grad(lp.sum(), delta)
+    finally:
+        handle.remove()
+    n_tokens = int(batch.target_mask.sum())
+    assert seen == [(1, n_tokens)]
+    n = batch.n_target
+    with torch.enable_grad():
+        full = torch.log_softmax(forward_logits(model, batch, last=n + 1)[:, :-1].float(), -1)
+        full = full.gather(-1, batch.input_ids[:, -n:, None])[..., 0] * batch.target_mask[:, -n:]
+        (full_grad,) = torch.autograd.grad(full.sum(), delta)
+    hook.remove()
+    assert torch.allclose(lp, full, atol=1e-5)
+    assert torch.allclose(grad, full_grad, rtol=1e-4, atol=1e-5)
+
+
 def _eos(model) -> set[int]:
     eos = model.module.generation_config.eos_token_id
     return {i for i in ((eos if isinstance(eos, list) else [eos]) + [model.tokenizer.eos_token_id]) if i is not None}

@@ -121,16 +121,21 @@ def encode(model: Any, prompts: Sequence[str], targets: Sequence[str] | None = N
 
 def forward_logits(model: Any, batch: Batch, last: int | None = None) -> torch.Tensor:
     """Logits ``[B, last or L, V]`` of the last ``last`` positions (all when ``None``)."""
+    logits = _model_logits(model, batch, last)
+    return logits if last is None else logits[:, -last:]
+
+
+def _model_logits(model: Any, batch: Batch, last: int | None) -> torch.Tensor:
+    """The model's logits, asking for the last ``last`` positions where the architecture accepts it."""
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                               "position_ids": batch.position_ids(), "use_cache": False}
     if last is not None:
         kwargs["logits_to_keep"] = last
     try:
-        logits = model.module(**kwargs).logits
+        return model.module(**kwargs).logits
     except TypeError:  # architectures without logits_to_keep
         kwargs.pop("logits_to_keep", None)
-        logits = model.module(**kwargs).logits
-    return logits if last is None else logits[:, -last:]
+        return model.module(**kwargs).logits
 
 
 class FixedPrefix:
@@ -173,12 +178,50 @@ def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     """Differentiable ``log P(y_t | prompt, y_<t)`` as ``[B, T]`` aligned right (0 where padded).
 
     Column ``j`` of the result is the target token at input position ``L - T + j``.
+
+    The unembedding sees only the positions that predict a target token (``_unembed_only``): its
+    product with the vocabulary, the log-softmax and their backward pass are most of a training step's
+    cost on a large vocabulary (Gemma-3: 262k tokens), and a batch of targets of unequal lengths (or
+    the last position, which predicts nothing) would otherwise pay for padding.
     """
     n = batch.n_target
-    logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()  # logits predicting the last n tokens
     targets = batch.input_ids[:, -n:]
+    wanted = batch.target_mask[:, -n:]  # [B, n]: which of the last n tokens are targets
+    reads = torch.zeros_like(batch.target_mask)  # the positions whose logits predict a target token
+    reads[:, -n - 1:-1] = wanted
+    with _unembed_only(model, reads) as gathered:
+        logits = _model_logits(model, batch, n + 1)
+    if gathered.hits == 1 and logits.shape[:2] == (1, int(wanted.sum())):
+        logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
+        return torch.zeros(wanted.shape, dtype=logp.dtype, device=logp.device).index_put((wanted,), logp)
+    # an architecture that calls its unembedding otherwise, or reshapes its output: all n + 1 positions
+    logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * batch.target_mask[:, -n:]
+    return logp * wanted
+
+
+class _unembed_only:
+    """Within the block, the unembedding's input ``[B, P, d]`` is cut down to the positions where ``reads``
+    (``[B, L]``, its last P columns aligned with the input's) is True, so the model returns logits
+    ``[1, M, V]`` for those M positions in row-major order. ``hits`` counts the calls it cut."""
+
+    def __init__(self, model: Any, reads: torch.Tensor) -> None:
+        self.unembed = get_module(model.module, model.spec.unembed)
+        self.reads, self.handle, self.hits = reads, None, 0
+
+    def _gather(self, _m: Any, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[0] != self.reads.shape[0] or hidden.shape[1] > self.reads.shape[1]:
+            return args
+        self.hits += 1
+        return (hidden[self.reads[:, -hidden.shape[1]:]].unsqueeze(0).contiguous(), *args[1:])
+
+    def __enter__(self) -> "_unembed_only":
+        self.handle = self.unembed.register_forward_pre_hook(self._gather)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()  # type: ignore[union-attr]
 
 
 @dataclass
