@@ -294,6 +294,31 @@ def test_resume_refuses_other_settings(model, tmp_path, caplog):
     assert "another placement" in caplog.text and "new hparams.steps" in caplog.text
 
 
+def test_a_shuffled_sequential_run_edits_the_same_cases_in_the_seeds_order(model, tmp_path):
+    """``shuffle`` keeps the first n cases and draws their order from the seed: T = 1 is the first case of that
+    order, the last mark holds them all, and the order is part of the run's settings on resume."""
+    import random
+
+    reqs = _requests(model, 4)
+    order = [str(r.case_id) for r in reqs]
+    random.Random(3).shuffle(order)
+    assert order != [str(r.case_id) for r in reqs]  # the seed does reorder these four
+    out = tmp_path / "shuffled"
+    report = evaluate(model, "none", reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, seed=3, shuffle=True,
+                      progress=False, generation=False)
+    first = {t: sorted(str(r["case_id"]) for r in report.records if r["T"] == t) for t in (1, 2, 4)}
+    assert first == {1: [order[0]], 2: sorted(order[:2]), 4: sorted(order)}
+    assert report.config["order"] == "shuffled"
+    with pytest.raises(EvalError, match="order: 'shuffled' -> 'file'"):
+        evaluate(model, "none", reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, seed=3, resume=True,
+                 progress=False, generation=False)
+    settings = json.loads((out / "run.json").read_text())
+    del settings["order"]  # a run from before ``order`` was recorded was run in file order
+    (out / "run.json").write_text(json.dumps(settings))
+    evaluate(model, "none", reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, seed=3, resume=True,
+             progress=False, generation=False)
+
+
 def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):
     from lmedit.evaluate import sequential
 

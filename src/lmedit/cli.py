@@ -163,6 +163,7 @@ def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (coun
           no_generation: bool = typer.Option(False, "--no-generation", help="skip the generation metrics"),
           fluency: bool = typer.Option(False, "--fluency", help="also fluency/consistency (100-token generations)"),
           seed: int = typer.Option(0, "--seed"),
+          shuffle: bool = typer.Option(False, "--shuffle", help="edit the first N cases in an order drawn from --seed"),
           model: str = ModelOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
           chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
     """Edit and score a benchmark; writes cases.jsonl, summary.json, summary.md (and curves.png)."""
@@ -178,7 +179,8 @@ def eval_(data: str = typer.Option(..., "--data", "-d", help="dataset name (coun
     m = _load(model, device, dtype, chat)
     report = evaluate(m, None if method in ("none", "unedited") else method, data, protocol=protocol, n=n, batch_size=batch_size,
                       scoring=scoring, checkpoints=marks, hparams=_parse_hparams(hparam), out_dir=run_dir,
-                      resume=resume, generation=not no_generation, fluency=fluency, seed=seed, progress=not as_json)
+                      resume=resume, generation=not no_generation, fluency=fluency, seed=seed, shuffle=shuffle,
+                      progress=not as_json)
     _emit(as_json, {"out": run_dir, "config": report.config, "summary": report.summary},
           report.table() + f"\n\nwritten to {run_dir} ({report.config['wall_seconds']:.1f} s)")
 
