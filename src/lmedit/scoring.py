@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from lmedit.errors import RequestError
+from lmedit.hooks import Hooks
 from lmedit.models.loading import require_model
 from lmedit.models.spec import get_module
 
@@ -179,7 +180,7 @@ def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
 
     Column ``j`` of the result is the target token at input position ``L - T + j``.
 
-    The unembedding sees only the positions that predict a target token (``_unembed_only``): its
+    The unembedding sees only the positions that predict a target token (a ``Hooks.replace`` on its input): its
     product with the vocabulary, the log-softmax and their backward pass are most of a training step's
     cost on a large vocabulary (Gemma-3: 262k tokens), and a batch of targets of unequal lengths (or
     the last position, which predicts nothing) would otherwise pay for padding.
@@ -187,41 +188,27 @@ def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     n = batch.n_target
     targets = batch.input_ids[:, -n:]
     wanted = batch.target_mask[:, -n:]  # [B, n]: which of the last n tokens are targets
-    reads = torch.zeros_like(batch.target_mask)  # the positions whose logits predict a target token
+    reads = torch.zeros_like(batch.target_mask)  # [B, L]: the positions whose logits predict a target token
     reads[:, -n - 1:-1] = wanted
-    with _unembed_only(model, reads) as gathered:
+    cut: list[bool] = []
+
+    def keep_reads(hidden: torch.Tensor) -> torch.Tensor | None:
+        """The unembedding's input [B, P, d] (its P positions are the last of the sequence) → [1, M, d]."""
+        if hidden.dim() != 3 or hidden.shape[0] != reads.shape[0] or hidden.shape[1] > reads.shape[1]:
+            return None
+        cut.append(True)
+        return hidden[reads[:, -hidden.shape[1]:]].unsqueeze(0).contiguous()
+
+    with Hooks(model.module) as hooks:
+        hooks.replace(model.spec.unembed, "input", keep_reads)
         logits = _model_logits(model, batch, n + 1)
-    if gathered.hits == 1 and logits.shape[:2] == (1, int(wanted.sum())):
+    if len(cut) == 1 and logits.shape[:2] == (1, int(wanted.sum())):
         logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
         return torch.zeros(wanted.shape, dtype=logp.dtype, device=logp.device).index_put((wanted,), logp)
     # an architecture that calls its unembedding otherwise, or reshapes its output: all n + 1 positions
     logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp * wanted
-
-
-class _unembed_only:
-    """Within the block, the unembedding's input ``[B, P, d]`` is cut down to the positions where ``reads``
-    (``[B, L]``, its last P columns aligned with the input's) is True, so the model returns logits
-    ``[1, M, V]`` for those M positions in row-major order. ``hits`` counts the calls it cut."""
-
-    def __init__(self, model: Any, reads: torch.Tensor) -> None:
-        self.unembed = get_module(model.module, model.spec.unembed)
-        self.reads, self.handle, self.hits = reads, None, 0
-
-    def _gather(self, _m: Any, args: tuple) -> tuple:
-        hidden = args[0]
-        if hidden.dim() != 3 or hidden.shape[0] != self.reads.shape[0] or hidden.shape[1] > self.reads.shape[1]:
-            return args
-        self.hits += 1
-        return (hidden[self.reads[:, -hidden.shape[1]:]].unsqueeze(0).contiguous(), *args[1:])
-
-    def __enter__(self) -> "_unembed_only":
-        self.handle = self.unembed.register_forward_pre_hook(self._gather)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()  # type: ignore[union-attr]
 
 
 @dataclass
