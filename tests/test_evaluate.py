@@ -312,6 +312,9 @@ def test_a_shuffled_sequential_run_edits_the_same_cases_in_the_seeds_order(model
     with pytest.raises(EvalError, match="order: 'shuffled' -> 'file'"):
         evaluate(model, "none", reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, seed=3, resume=True,
                  progress=False, generation=False)
+    with pytest.raises(EvalError, match="n of a shuffled run: 4 -> 3"):  # another n would draw another order
+        evaluate(model, "none", reqs[:3], protocol="sequential", checkpoints=[1, 2], out_dir=out, seed=3, shuffle=True,
+                 resume=True, progress=False, generation=False)
     settings = json.loads((out / "run.json").read_text())
     del settings["order"]  # a run from before ``order`` was recorded was run in file order
     (out / "run.json").write_text(json.dumps(settings))

@@ -250,9 +250,10 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
     """Record the run's settings in ``out/run.json``; on resume, refuse to continue under other ones.
 
     A run is one table row: continuing it with another learning rate, model or dataset file would mix two
-    experiments under one name. ``n`` may grow (extending a run); the device, dtype and library versions
-    may change with a warning (``runs/README.md`` records such mixed runs), and so may a hyper-parameter the
-    method gained after the run started (pin it with ``--hparam`` to keep the earlier behaviour).
+    experiments under one name. ``n`` may grow (extending a run; not a shuffled one, whose order depends on
+    it); the device, dtype and library versions may change with a warning (``runs/README.md`` records such
+    mixed runs), and so may a hyper-parameter the method gained after the run started (pin it with
+    ``--hparam`` to keep the earlier behaviour).
     """
     path = out / "run.json"
     if resume and path.exists():
@@ -268,6 +269,8 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
 
         changed = [f"{k}: {get(earlier, k)!r} -> {get(config, k)!r}" for k in SAME_SETTINGS
                    if text(get(earlier, k)) != text(get(config, k))]
+        if get(config, "order") == "shuffled" and get(earlier, "n") != get(config, "n"):  # another n, another order
+            changed.append(f"n of a shuffled run: {get(earlier, 'n')!r} -> {get(config, 'n')!r}")
         hp_old, hp_new = earlier.get("hparams", {}), config.get("hparams", {})
         changed += [f"hparams.{k}: {hp_old[k]!r} -> {hp_new[k]!r}" for k in sorted(set(hp_old) & set(hp_new))
                     if text(hp_old[k]) != text(hp_new[k])]
