@@ -205,8 +205,10 @@ def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     if len(cut) == 1 and logits.shape[:2] == (1, int(wanted.sum())):
         logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
         return torch.zeros(wanted.shape, dtype=logp.dtype, device=logp.device).index_put((wanted,), logp)
-    # an architecture that calls its unembedding otherwise, or reshapes its output: all n + 1 positions
-    logits = forward_logits(model, batch, last=n + 1)[:, :-1].float()
+    if cut:  # an architecture that reshapes the unembedding's output: run again with all n + 1 positions
+        logits = _model_logits(model, batch, n + 1)
+    # (uncut: an architecture that reaches its vocabulary otherwise; these logits already hold all positions)
+    logits = logits[:, -n - 1:-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp * wanted
 
