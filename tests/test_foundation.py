@@ -642,6 +642,7 @@ def test_a_model_that_is_not_an_lmedit_model_and_prompts_that_are_not_text_are_o
     ("wise", {"n_irrelevant": -1}, "n_irrelevant must be non-negative"),
     ("ft-l", {"steps": "ten"}, "steps must be a number"),
     ("memit", {"stats_tokens": 0}, "stats_tokens must be at least 1"),
+    ("wise", {"rehearse": 2.5}, "rehearse must be a whole number, not 2.5"),
 ])
 def test_a_hyper_parameter_out_of_range_is_a_one_line_edit_error_and_the_model_is_unchanged(method, bad, message):
     from lmedit.errors import EditError
@@ -663,6 +664,8 @@ def test_hyper_parameters_come_as_the_methods_dataclass_or_a_dict_and_anything_e
         get_method("ft-m", hparams=get_method("rome").hparams)
     with pytest.raises(EditError, match="no hyper-parameter nope"):
         get_method("ft-m", hparams={"nope": 1})
+    counts = get_method("wise", hparams={"rehearse": 9.0, "steps": 5.0}).hparams  # a grid's floats, counts whole
+    assert (counts.rehearse, counts.steps) == (9, 5) and type(counts.rehearse) is int and type(counts.steps) is int
 
 
 # ============================================================================================ scoring

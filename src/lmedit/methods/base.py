@@ -49,6 +49,11 @@ class HParams:
                 setattr(self, f.name, tuple(value))
             elif f.name == "layers" and isinstance(value, int):
                 setattr(self, f.name, (value,))
+            elif _kind(f) == "int" and isinstance(value, float):  # a count given as 9.0 (YAML, a sweep's grid)
+                if not value.is_integer():
+                    raise EditError(f"{type(self).__name__.removesuffix('HParams')} hyper-parameter {f.name} "
+                                    f"must be a whole number, not {value}")
+                setattr(self, f.name, int(value))
             _check_range(type(self).__name__.removesuffix("HParams"), f, getattr(self, f.name))
 
     def resolve(self, model: Any) -> "HParams":
@@ -63,9 +68,14 @@ class HParams:
         return dataclasses.asdict(self)
 
 
+def _kind(f: dataclasses.Field) -> str:
+    """The first type of a field's annotation, as written (``"int"`` for ``int | None``)."""
+    return str(f.type).split("|")[0].strip()
+
+
 def _check_range(owner: str, f: dataclasses.Field, value: Any) -> None:
     """Raise ``EditError`` when a numeric hyper-parameter holds text or lies outside its name's range."""
-    numeric = str(f.type).split("|")[0].strip() in ("int", "float")
+    numeric = _kind(f) in ("int", "float")
     if numeric and isinstance(value, str):
         raise EditError(f"{owner} hyper-parameter {f.name} must be a number, not {value!r}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
