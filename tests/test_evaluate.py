@@ -185,12 +185,18 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert "[in progress] T=2 | 2 |" in markdown_table([stopped])
     with pytest.raises(EvalError, match="resume"):
         evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
+    with open(out / "edits.jsonl", "a") as f:  # a call made after the last checkpoint, and one cut short by the kill
+        f.write(json.dumps({"call": 2, "cases": ["lost"], "seconds": 1.0, "declined": False, "info": {}}) + "\n{\"call")
     report = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, resume=True,
                       progress=False)
     assert sorted(report.summary["by_T"]) == [1, 2, 4]
     assert report.summary["by_T"][4]["cases"] == 4 and report.summary["by_T"][1]["cases"] == 1
     lines = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
     assert len(lines) == 1 + 2 + 4  # no record written twice
+    log = [json.loads(x) for x in (out / "edits.jsonl").read_text().splitlines()]
+    assert [e["call"] for e in log] == [0, 1, 2, 3]  # the checkpointed calls, then the resumed ones, none twice
+    assert [e["cases"] for e in log] == [[r.case_id] for r in reqs]
+    assert all(e["seconds"] > 0 and not e["declined"] and e["info"]["steps"] >= 1 for e in log)
     assert (out / "curves.png").stat().st_size > 1000
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
     unedited = evaluate(model, None, reqs, out_dir=tmp_path / "none", progress=False)

@@ -7,6 +7,12 @@ codebook, WISE's side memories, DEFER's gate), with ``progress.json`` naming how
 (the patch records the count too, and a resume trusts the patch's). Each checkpoint is written to
 ``patch.tmp`` and swapped in by renames, so a kill at any instant leaves one whole checkpoint. Whatever
 happens, the model leaves ``run_sequential`` exactly as it came in.
+
+Every edit call also appends a line to ``out_dir/edits.jsonl`` (``edit_log_entry``): the call's index, its
+cases, its seconds and what the method reports of its training (steps, final loss, NLL, WISE's routing
+activations, DEFER's gate lr, v*'s probability, …), so a run shows how each edit converged and where the time
+went, not only how the accumulated edits scored. A resume drops the lines of calls after its checkpoint
+(they are made again).
 """
 from __future__ import annotations
 
@@ -62,8 +68,11 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
         run.failed.update({int(i): why for i, why in progress.get("failed", {}).items()})
         _remember(model, saved, originals)
         saved.apply(model).commit()
+        _truncate_edit_log(out, done_chunks)
         bar.update(min(total, done_chunks * batch_size))
         bar.refresh()  # show the resumed position now, not after the next edit
+    if out is not None and done_chunks == 0:
+        (out / EDIT_LOG).unlink(missing_ok=True)
     edit_seconds: list[float] = []
     last_checkpoint = time.perf_counter()
     try:
@@ -72,6 +81,9 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
                 continue
             patch, seconds = run.try_edit(editor, chunk)
             edit_seconds += [seconds] * len(chunk)
+            if out is not None:
+                with open(out / EDIT_LOG, "a") as f:
+                    f.write(json.dumps(edit_log_entry(c, [ids[i] for i in chunk], seconds * len(chunk), patch)) + "\n")
             if patch is not None:  # a declined edit leaves the accumulated model as it was
                 _remember(model, patch, originals)
                 patch.apply(model).commit()
@@ -93,6 +105,45 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
         model.cache["edited_keys"] = keys_before
         restore_adaptors(model, adaptors_before)
     return edit_seconds
+
+
+EDIT_LOG = "edits.jsonl"
+INFO_LIMIT = 2000
+"""Characters of JSON an ``info`` entry may take in the edit log (per-case lists of a 100-edit batch fit;
+anything larger, such as a tensor's worth of numbers, is left out)."""
+
+
+def edit_log_entry(call: int, case_ids: list[str], seconds: float, patch: Patch | None) -> dict[str, Any]:
+    """One line of ``edits.jsonl``: ``{"call", "cases", "seconds", "declined", "info": {...}}`` where ``info``
+    holds the patch's ``info`` entries that are plain JSON of at most ``INFO_LIMIT`` characters."""
+    info: dict[str, Any] = {}
+    for key, value in (patch.info.items() if patch is not None else ()):
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        if len(text) <= INFO_LIMIT:
+            info[key] = value
+    return {"call": call, "cases": case_ids, "seconds": round(seconds, 3), "declined": patch is None, "info": info}
+
+
+def _truncate_edit_log(out: Path | None, calls_done: int) -> None:
+    """Keep the edit log's lines of the first ``calls_done`` calls (a resume makes the later ones again; a
+    line cut short by a kill is dropped with them)."""
+    path = out / EDIT_LOG if out is not None else None
+    if path is None or not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("call"), int) and entry["call"] < calls_done:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> None:
