@@ -428,3 +428,26 @@ def test_report_command_skips_paths_that_are_not_runs(model, tmp_path):
     assert isinstance(alone.exception, EvalError) and "is not an evaluation run" in str(alone.exception)
     none = runner.invoke(app, ["report", str(tmp_path / "README.md"), str(tmp_path / "missing")])
     assert isinstance(none.exception, EvalError) and "none of the 2 paths" in str(none.exception)
+
+
+def test_report_prints_a_sequential_runs_edit_log_by_blocks_of_calls(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmedit.cli import app
+
+    reqs = _requests(model, 4)
+    evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[2], out_dir=tmp_path / "seq",
+             progress=False, generation=False)
+    log = [json.loads(x) for x in (tmp_path / "seq" / "edits.jsonl").read_text().splitlines()]
+    evaluate(model, None, reqs, out_dir=tmp_path / "none", progress=False, generation=False)
+    out = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), str(tmp_path / "none"), "--edits", "3"])
+    assert out.exit_code == 0, out.output
+    table = out.stdout.split("edit calls in blocks of 3\n")[1].splitlines()
+    assert table[0].startswith("| calls | cases | s/case | declined | ") and "steps" in table[0]
+    steps = table[0].split(" | ").index("steps")
+    assert [row.split(" | ")[0] for row in table[2:4]] == ["| 1–3", "| 4–4"]
+    assert table[2].split(" | ")[1] == "3" and table[3].split(" | ")[1] == "1"
+    assert float(table[3].split(" | ")[steps]) == log[3]["info"]["steps"]  # the block's mean: one call
+    assert "none: no edit log (edits.jsonl)" in out.stdout
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), "--edits", "-1"])
+    assert isinstance(bad.exception, EvalError) and "at least 1 call" in str(bad.exception)

@@ -191,6 +191,8 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
                                              help="first recompute each run's summary from its cases.jsonl"),
            plot: Optional[str] = typer.Option(None, "--plot", help="write the lifelong runs' curves (Rel., Gen., Loc. "
                                               "against T, a line per run) to this .png"),
+           edits: int = typer.Option(0, "--edits", help="also print each sequential run's edit log (seconds and "
+                                     "training report per edit call, edits.jsonl) in blocks of this many calls"),
            as_json: bool = JsonOpt) -> None:
     """Print several evaluation runs side by side as one table (method rows, metric columns).
 
@@ -199,6 +201,7 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
     from lmedit.errors import EvalError
     from lmedit.evaluate import load_report, markdown_table, plot_comparison
     from lmedit.evaluate import resummarize as recompute
+    from lmedit.evaluate.report import edit_log_table
 
     found: list[tuple[str, Any]] = []
     for d in directories:
@@ -215,6 +218,10 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
     if plot:
         plot_comparison(reports, plot)
         text += f"\ncurves written to {plot}"
+    if edits:
+        for d, _ in found:
+            table = edit_log_table(d, edits)
+            text += f"\n\n{d}: " + (f"edit calls in blocks of {edits}\n{table}" if table else "no edit log (edits.jsonl)")
     _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in found]},
           text)
 

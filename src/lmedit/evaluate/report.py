@@ -75,6 +75,49 @@ def markdown_table(reports: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
+def edit_log_table(directory: str | Path, block: int = 100, max_columns: int = 8) -> str:
+    """A sequential run's ``edits.jsonl`` (see ``lmedit.evaluate.sequential``) as a Markdown table by blocks of
+    ``block`` edit calls: cases, seconds per case, declined calls, and the block's mean of each number the method
+    reports of its training (``steps``, ``loss``, ``nll``, …; the first ``max_columns`` met). Empty when the run
+    has no edit log (runs begun before session 41, and the single and batch protocols)."""
+    path = Path(directory) / "edits.jsonl"
+    if block < 1:
+        raise EvalError(f"the edit log's block must be at least 1 call, not {block}")
+    if not path.is_file():
+        return ""
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("call"), int):
+            entries.append(entry)
+    numbers: list[str] = []
+    for e in entries:
+        for key, value in e.get("info", {}).items():
+            if _is_number(value) and key not in numbers and key != "seconds":
+                numbers.append(key)
+    numbers = numbers[:max_columns]
+    lines = ["| calls | cases | s/case | declined | " + " | ".join(numbers) + " |", "|---|---|---|---|" + "---|" * len(numbers)]
+    for start in range(0, len(entries), block):
+        part = entries[start:start + block]
+        cases = sum(len(e.get("cases", [])) for e in part)
+        cells = [_fmt(_mean([e["info"][k] for e in part if _is_number(e.get("info", {}).get(k))])) for k in numbers]
+        lines.append(f"| {part[0]['call'] + 1}–{part[-1]['call'] + 1} | {cases} | "
+                     f"{_fmt(sum(e.get('seconds', 0.0) for e in part) / max(1, cases))} | "
+                     f"{sum(bool(e.get('declined')) for e in part)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
