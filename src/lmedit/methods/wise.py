@@ -41,7 +41,8 @@ and the last ten at 0.80, every one of them still routed to the memory — overw
 target; a seeded sample), so the NLL keeps them: k = 4 gives 0.81 / 0.90 (Rel. 0.70 → 0.85) at 1.4× the
 cost per edit. The shard keeps its edits' targets for this (``Memory.targets``, saved with the patch).
 Gemma-3-270M needs more: its keys at the WISE layer are more alike than SmolLM2's (last-token keys of 40 ZsRE
-prompts, mean cosine between prompts 0.91 against 0.80), so each edit moves the others' outputs further.
+prompts, mean cosine between prompts 0.91 against 0.80; ``benchmarks/key_geometry.py``), so each edit moves
+the others' outputs further.
 Over its first 10 sequential ZsRE edits (retrieve mode, lr 1.0, every edit's own loss at NLL ≤ 0.08 with the
 margins met) ``rehearse=4`` ends at token accuracy 0.77 / rephrase 0.58 and ``rehearse=9`` (every earlier
 edit) at 0.98 / 0.71 (lr 0.25 leaves the margins unmet on Gemma's small keys: loss 3–13 after 70 steps).
