@@ -449,5 +449,13 @@ def test_report_prints_a_sequential_runs_edit_log_by_blocks_of_calls(model, tmp_
     assert table[2].split(" | ")[1] == "3" and table[3].split(" | ")[1] == "1"
     assert float(table[3].split(" | ")[steps]) == log[3]["info"]["steps"]  # the block's mean: one call
     assert "none: no edit log (edits.jsonl)" in out.stdout
+    from lmedit.evaluate.report import edit_log_table
+
+    batches = tmp_path / "batches"  # a batch method's per-case lists count by their mean; text is left out
+    batches.mkdir()
+    (batches / "edits.jsonl").write_text("".join(json.dumps(
+        {"call": c, "cases": ["a", "b"], "seconds": 4.0, "declined": False,
+         "info": {"v_prob": [0.5, 1.0 - c / 2], "method": "memit"}}) + "\n" for c in range(2)))
+    assert edit_log_table(batches, 2).splitlines()[2] == "| 1–2 | 4 | 2.00 | 0 | 0.62 |"
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), "--edits", "-1"])
     assert isinstance(bad.exception, EvalError) and "at least 1 call" in str(bad.exception)

@@ -78,7 +78,8 @@ def markdown_table(reports: Sequence[Any]) -> str:
 def edit_log_table(directory: str | Path, block: int = 100, max_columns: int = 8) -> str:
     """A sequential run's ``edits.jsonl`` (see ``lmedit.evaluate.sequential``) as a Markdown table by blocks of
     ``block`` edit calls: cases, seconds per case, declined calls, and the block's mean of each number the method
-    reports of its training (``steps``, ``loss``, ``nll``, …; the first ``max_columns`` met). Empty when the run
+    reports of its training (``steps``, ``loss``, ``nll``, …; a per-case list, such as v*'s ``v_prob``, by its mean;
+the first ``max_columns`` met). Empty when the run
     has no edit log (runs begun before session 41, and the single and batch protocols)."""
     path = Path(directory) / "edits.jsonl"
     if block < 1:
@@ -96,14 +97,14 @@ def edit_log_table(directory: str | Path, block: int = 100, max_columns: int = 8
     numbers: list[str] = []
     for e in entries:
         for key, value in e.get("info", {}).items():
-            if _is_number(value) and key not in numbers and key != "seconds":
+            if _number(value) is not None and key not in numbers and key != "seconds":
                 numbers.append(key)
     numbers = numbers[:max_columns]
     lines = ["| calls | cases | s/case | declined | " + " | ".join(numbers) + " |", "|---|---|---|---|" + "---|" * len(numbers)]
     for start in range(0, len(entries), block):
         part = entries[start:start + block]
         cases = sum(len(e.get("cases", [])) for e in part)
-        cells = [_fmt(_mean([e["info"][k] for e in part if _is_number(e.get("info", {}).get(k))])) for k in numbers]
+        cells = [_fmt(_mean([x for e in part if (x := _number(e.get("info", {}).get(k))) is not None])) for k in numbers]
         lines.append(f"| {part[0]['call'] + 1}–{part[-1]['call'] + 1} | {cases} | "
                      f"{_fmt(sum(e.get('seconds', 0.0) for e in part) / max(1, cases))} | "
                      f"{sum(bool(e.get('declined')) for e in part)} | " + " | ".join(cells) + " |")
@@ -112,6 +113,15 @@ def edit_log_table(directory: str | Path, block: int = 100, max_columns: int = 8
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """A number as itself, a non-empty list of numbers as its mean; ``None`` for anything else."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, list) and value and all(_is_number(x) for x in value):
+        return sum(value) / len(value)
+    return None
 
 
 def _mean(values: list[float]) -> float | None:
