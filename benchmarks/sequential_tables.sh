@@ -8,6 +8,8 @@
 #   MARKS="1 10 100" T=1000 METHODS=defer benchmarks/sequential_tables.sh gemma3-270m
 #   (MARKS: the scoring marks below T; T itself is always scored. This skips T = 600, which on Gemma-3's
 #   262k-token vocabulary takes about an hour single-threaded.)
+#   EVAL_ARGS="--hparam rehearse=8" METHODS=wise-retrieve ... gemma3-270m   (Gemma-3's keys are alike: WISE needs
+#   more rehearsal there, see lmedit.methods.wise; the table's Gemma row ran as runs/gemma3-270m-zsre-wise-retrieve-rehearse8-*)
 set -euo pipefail
 { # bash reads the whole block before running it: editing this file under a running benchmark is safe
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
