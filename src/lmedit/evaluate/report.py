@@ -81,19 +81,13 @@ def edit_log_table(directory: str | Path, block: int = 100, max_columns: int = 8
     reports of its training (``steps``, ``loss``, ``nll``, …; a per-case list, such as v*'s ``v_prob``, by its mean;
 the first ``max_columns`` met). Empty when the run
     has no edit log (runs begun before session 41, and the single and batch protocols)."""
-    path = Path(directory) / "edits.jsonl"
+    from lmedit.evaluate.sequential import read_edit_log
+
     if block < 1:
         raise EvalError(f"the edit log's block must be at least 1 call, not {block}")
-    if not path.is_file():
+    entries = read_edit_log(directory)
+    if not entries:
         return ""
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("call"), int):
-            entries.append(entry)
     numbers: list[str] = []
     for e in entries:
         for key, value in e.get("info", {}).items():
@@ -111,15 +105,14 @@ the first ``max_columns`` met). Empty when the run
     return "\n".join(lines)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _number(value: Any) -> float | None:
     """A number as itself, a non-empty list of numbers as its mean; ``None`` for anything else."""
-    if _is_number(value):
+    def plain(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if plain(value):
         return float(value)
-    if isinstance(value, list) and value and all(_is_number(x) for x in value):
+    if isinstance(value, list) and value and all(plain(x) for x in value):
         return sum(value) / len(value)
     return None
 

@@ -127,23 +127,30 @@ def edit_log_entry(call: int, case_ids: list[str], seconds: float, patch: Patch 
     return {"call": call, "cases": case_ids, "seconds": round(seconds, 3), "declined": patch is None, "info": info}
 
 
-def _truncate_edit_log(out: Path | None, calls_done: int) -> None:
-    """Keep the edit log's lines of the first ``calls_done`` calls (a resume makes the later ones again; a
-    line cut short by a kill is dropped with them)."""
-    path = out / EDIT_LOG if out is not None else None
-    if path is None or not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def read_edit_log(directory: str | Path) -> list[dict[str, Any]]:
+    """The entries of ``directory/edits.jsonl`` (none when it has no log); a line cut short by a kill, or
+    anything else that is not an entry, is skipped."""
+    path = Path(directory) / EDIT_LOG
+    entries = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("call"), int) and entry["call"] < calls_done:
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+        if isinstance(entry, dict) and isinstance(entry.get("call"), int):
+            entries.append(entry)
+    return entries
+
+
+def _truncate_edit_log(out: Path | None, calls_done: int) -> None:
+    """Keep the edit log's entries of the first ``calls_done`` calls (a resume makes the later ones again; a
+    line cut short by a kill is dropped with them)."""
+    if out is None or not (out / EDIT_LOG).exists():
+        return
+    kept = [entry for entry in read_edit_log(out) if entry["call"] < calls_done]
+    tmp = out / (EDIT_LOG + ".tmp")
+    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    tmp.replace(out / EDIT_LOG)
 
 
 def _remember(model: Any, patch: Patch, originals: dict[str, torch.Tensor]) -> None:
