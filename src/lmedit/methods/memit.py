@@ -259,7 +259,9 @@ class AlphaEdit(MEMIT):
     edits, Rel.(tf) / Loc.(tf): published 0.67 / 0.88; energy 5 % 0.44 / 0.88; 1 % 0.25 / 0.90; 1 % with
     ``l2`` = 1: 0.41 / 0.68. What keeps unrelated outputs is ``l2`` (the update's norm), not ``P``: an update
     written through directions the corpus seldom uses must be large there, and other prompts' keys
-    still have components along them."""
+    still have components along them. Nor is it the earlier edits' weight in the solve: ten times ``K_pᵀK_p``
+    scored 600 sequential ZsRE edits (batches of 100) as the published weight does (Rel.(tf) 0.62 / Loc.(tf)
+    0.73 against 0.62 / 0.70, efficacy 0.89 both)."""
 
     name = "alphaedit"
     HParams = AlphaEditHParams
