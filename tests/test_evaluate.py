@@ -430,7 +430,7 @@ def test_report_command_skips_paths_that_are_not_runs(model, tmp_path):
     assert isinstance(none.exception, EvalError) and "none of the 2 paths" in str(none.exception)
 
 
-def test_report_prints_a_sequential_runs_edit_log_by_blocks_of_calls(model, tmp_path):
+def test_report_prints_a_sequential_runs_edit_log_and_forgetting_by_blocks(model, tmp_path):
     from typer.testing import CliRunner
 
     from lmedit.cli import app
@@ -459,3 +459,22 @@ def test_report_prints_a_sequential_runs_edit_log_by_blocks_of_calls(model, tmp_
     assert edit_log_table(batches, 2).splitlines()[2] == "| 1–2 | 4 | 2.00 | 0 | 0.62 |"
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), "--edits", "-1"])
     assert isinstance(bad.exception, EvalError) and "at least 1 call" in str(bad.exception)
+    # forgetting: each block of edits (in edit order) at each mark
+    cases = [json.loads(x) for x in (tmp_path / "seq" / "cases.jsonl").read_text().splitlines()]
+    first = [c["case_id"] for c in cases if c["T"] == 2]
+
+    def mean(t: int, ids: list[str]) -> str:
+        return f"{sum(c['rewrite_tf'] for c in cases if c['T'] == t and c['case_id'] in ids) / len(ids):.2f}"
+
+    later = [c["case_id"] for c in cases if c["T"] == 4 and c["case_id"] not in first]
+    out = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), str(tmp_path / "none"), "--retention", "2"])
+    assert out.exit_code == 0, out.output
+    table = out.stdout.split("rewrite_tf by blocks of 2 edits (rows) after T edits (columns)\n")[1].splitlines()
+    assert table[0] == "| edits | T=2 | T=4 |"
+    assert table[2] == f"| 1–2 | {mean(2, first)} | {mean(4, first)} |"
+    assert table[3] == f"| 3–4 | – | {mean(4, later)} |"
+    assert "none: no lifelong marks" in out.stdout
+    for args, message in ((["--retention", "-1"], "at least 1 edit"),
+                          (["--retention", "2", "--metric", "bogus"], "no per-case 'bogus'")):
+        bad = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), *args])
+        assert isinstance(bad.exception, EvalError) and message in str(bad.exception)

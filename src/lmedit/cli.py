@@ -193,6 +193,9 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
                                               "against T, a line per run) to this .png"),
            edits: int = typer.Option(0, "--edits", help="also print each sequential run's edit log (seconds and "
                                      "training report per edit call, edits.jsonl) in blocks of this many calls"),
+           retention: int = typer.Option(0, "--retention", help="also print each lifelong run's forgetting: --metric "
+                                         "of each block of this many edits (in edit order) at each mark T"),
+           metric: str = typer.Option("rewrite_tf", "--metric", help="the per-case metric of --retention"),
            as_json: bool = JsonOpt) -> None:
     """Print several evaluation runs side by side as one table (method rows, metric columns).
 
@@ -201,7 +204,7 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
     from lmedit.errors import EvalError
     from lmedit.evaluate import load_report, markdown_table, plot_comparison
     from lmedit.evaluate import resummarize as recompute
-    from lmedit.evaluate.report import edit_log_table
+    from lmedit.evaluate.report import edit_log_table, retention_table
 
     found: list[tuple[str, Any]] = []
     for d in directories:
@@ -222,6 +225,11 @@ def report(directories: list[str] = typer.Argument(..., help="run directories wr
         for d, _ in found:
             table = edit_log_table(d, edits)
             text += f"\n\n{d}: " + (f"edit calls in blocks of {edits}\n{table}" if table else "no edit log (edits.jsonl)")
+    if retention:
+        for d, _ in found:
+            table = retention_table(d, retention, metric)
+            text += f"\n\n{d}: " + (f"{metric} by blocks of {retention} edits (rows) after T edits (columns)\n{table}"
+                                    if table else "no lifelong marks (not a sequential after_all run)")
     _emit(as_json, {"runs": [{"dir": d, "config": r.config, "summary": r.summary} for d, r in found]},
           text)
 

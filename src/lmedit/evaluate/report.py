@@ -105,6 +105,39 @@ the first ``max_columns`` met). Empty when the run
     return "\n".join(lines)
 
 
+def retention_table(directory: str | Path, block: int = 100, metric: str = "rewrite_tf") -> str:
+    """A lifelong run's forgetting: ``metric`` of each block of ``block`` edits (in the order they were made)
+    at each scoring mark T, as a Markdown table (rows: edit blocks; columns: marks). Row i, column T is the mean
+    over the i-th block's cases scored after all T edits — down a column, old against new edits; along a row,
+    how a block fares as later edits arrive. The edit order is read from ``cases.jsonl`` (each mark scores its
+    cases in edit order). Empty for a run without marks (single, batch, ``after_each``)."""
+    from lmedit.evaluate.runner import read_cases
+
+    if block < 1:
+        raise EvalError(f"the retention table's block must be at least 1 edit, not {block}")
+    cases = [c for c in read_cases(directory) if "T" in c]
+    if not cases:
+        return ""
+    names = {k for c in cases for k, v in c.items() if _number(v) is not None} - {"T", "edit_failed", "edit_seconds"}
+    if metric not in names:
+        raise EvalError(f"{directory} has no per-case '{metric}'; it has: {', '.join(sorted(names))}")
+    marks = sorted({int(c["T"]) for c in cases})
+    order: dict[str, int] = {}
+    for t in marks:
+        for c in cases:
+            if int(c["T"]) == t:
+                order.setdefault(str(c["case_id"]), len(order))
+    scores: dict[tuple[int, int], list[float]] = {}
+    for c in cases:
+        if (value := _number(c.get(metric))) is not None:
+            scores.setdefault((order[str(c["case_id"])] // block, int(c["T"])), []).append(value)
+    lines = [f"| edits | " + " | ".join(f"T={t}" for t in marks) + " |", "|---|" + "---|" * len(marks)]
+    for b in range(max(order.values()) // block + 1):
+        cells = [_fmt(_mean(scores.get((b, t), []))) for t in marks]
+        lines.append(f"| {b * block + 1}–{min(len(order), (b + 1) * block)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _number(value: Any) -> float | None:
     """A number as itself, a non-empty list of numbers as its mean; ``None`` for anything else."""
     def plain(x: Any) -> bool:
