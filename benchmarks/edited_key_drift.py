@@ -7,10 +7,13 @@ recorded when it was written), applies it, and for the run's first ``n`` ZsRE ed
 
 * the keys' drift: ``‖k_now − k_recorded‖ / ‖k_recorded‖`` (mean), and its part inside AlphaEdit's null space ``P``
   (the directions its updates use) — later updates at the lower edit layers move the keys the upper ones see;
-* how the accumulated update answers them: ``‖ΔW k‖`` at the recorded and the current keys and their cosine.
+* how the accumulated update answers them: ``‖ΔW k‖`` at the recorded and the current keys and their cosine;
 
-With the run's ``cases.jsonl`` (the first edits scored at an earlier mark and at the last one) this separates
-forgetting at the written keys from forgetting elsewhere in the network. Reads the run; edits nothing on disk.
+and the first edits' Rel.(tf) (teacher-forced token accuracy of the new target) with the accumulated ``ΔW`` added
+at every position (as the run scores them), only at each prompt's subject's last token (where the edits were
+written), and nowhere (the unedited model). With the run's ``cases.jsonl`` (``lmedit report RUN --retention``)
+this separates forgetting at the written keys from forgetting through the prompt's other positions. Reads the
+run; edits nothing on disk.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from lmedit.data import load_dataset
 from lmedit.methods import get_method
 from lmedit.methods.keyvalue import compute_keys, context_templates
 from lmedit.methods.solvers import nullspace_projector
+from lmedit.hooks import Hooks
 from lmedit.patch import EditedKeys, Patch, WeightDelta
+from lmedit.scoring import encode, forward_logits, tokenize
 from lmedit.stats import second_moments
 
 
@@ -64,6 +69,40 @@ def main() -> None:
         cos = torch.nn.functional.cosine_similarity(out_then, out_now, dim=1).mean()
         print(f"layer {layer}: key drift {float(drift):.3f} (in P {float(drift_p):.3f}); ‖ΔW k‖ recorded "
               f"{float(out_then.norm(dim=1).mean()):.2f}, now {float(out_now.norm(dim=1).mean()):.2f}, cosine {float(cos):.3f}")
+
+    patch.revert()
+    where = {"every position": "all", "the subject's last token": "subject", "no position (the unedited model)": "none"}
+    for label, mode in where.items():
+        print(f"first {args.n} edits, Rel.(tf) with ΔW at {label}: {rewrite_accuracy(model, requests, delta, mode):.3f}")
+
+
+def subject_last_token(model: object, request: object) -> int:
+    """Position of the subject's last token in the prompt as lmedit tokenises it."""
+    end = request.template.index("{}") + len(request.subject)  # type: ignore[attr-defined]
+    _, offsets = tokenize(model, request.template.format(request.subject))  # type: ignore[attr-defined]
+    return max(i for i, (a, b) in enumerate(offsets) if b > a and a < end)
+
+
+def rewrite_accuracy(model: object, requests: list, delta: dict[str, torch.Tensor], mode: str) -> float:
+    """Mean teacher-forced token accuracy of each request's new target, with ``ΔW k`` added to ``W_out``'s
+    output at every position (``all``), at the subject's last token (``subject``) or nowhere (``none``)."""
+    accuracies = []
+    for request in requests:
+        batch = encode(model, [request.template.format(request.subject)], [request.target_new])  # one row: no padding
+        mask = torch.zeros(batch.input_ids.shape[1], 1)
+        if mode == "all":
+            mask[:] = 1.0
+        elif mode == "subject":
+            mask[subject_last_token(model, request)] = 1.0
+        with Hooks(model.module) as hooks, torch.no_grad():  # type: ignore[attr-defined]
+            for name, d in delta.items():
+                path = name.removesuffix(".weight")
+                key = hooks.read(path, "input")
+                hooks.add(path, "output", lambda out, key=key, d=d: (hooks[key] @ d.T.to(out.dtype)) * mask.to(out))
+            logits = forward_logits(model, batch)[0]
+        targets = batch.target_mask[0].nonzero().flatten()
+        accuracies.append(float((logits[targets - 1].argmax(-1) == batch.input_ids[0, targets]).float().mean()))
+    return sum(accuracies) / len(accuracies)
 
 
 if __name__ == "__main__":
