@@ -474,6 +474,10 @@ def test_report_prints_a_sequential_runs_edit_log_and_forgetting_by_blocks(model
     assert table[2] == f"| 1–2 | {mean(2, first)} | {mean(4, first)} |"
     assert table[3] == f"| 3–4 | – | {mean(4, later)} |"
     assert "none: no lifelong marks" in out.stdout
+    evaluate(model, FTM(**STRONG), reqs[:2], protocol="sequential", scoring="after_each", out_dir=tmp_path / "each",
+             progress=False, generation=False)
+    from lmedit.evaluate.report import retention_table
+    assert retention_table(tmp_path / "each", 1) == ""  # each case scored once, at its own T: no marks
     for args, message in ((["--retention", "-1"], "at least 1 edit"),
                           (["--retention", "2", "--metric", "bogus"], "no per-case 'bogus'")):
         bad = CliRunner().invoke(app, ["report", str(tmp_path / "seq"), *args])

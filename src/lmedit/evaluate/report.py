@@ -115,6 +115,10 @@ def retention_table(directory: str | Path, block: int = 100, metric: str = "rewr
 
     if block < 1:
         raise EvalError(f"the retention table's block must be at least 1 edit, not {block}")
+    settings = Path(directory) / "run.json"
+    config = json.loads(settings.read_text()) if settings.is_file() else {}
+    if config.get("scoring") != "after_all":  # after_each scores each case once, at its own T
+        return ""
     cases = [c for c in read_cases(directory) if "T" in c]
     if not cases:
         return ""
@@ -131,7 +135,7 @@ def retention_table(directory: str | Path, block: int = 100, metric: str = "rewr
     for c in cases:
         if (value := _number(c.get(metric))) is not None:
             scores.setdefault((order[str(c["case_id"])] // block, int(c["T"])), []).append(value)
-    lines = [f"| edits | " + " | ".join(f"T={t}" for t in marks) + " |", "|---|" + "---|" * len(marks)]
+    lines = ["| edits | " + " | ".join(f"T={t}" for t in marks) + " |", "|---|" + "---|" * len(marks)]
     for b in range(max(order.values()) // block + 1):
         cells = [_fmt(_mean(scores.get((b, t), []))) for t in marks]
         lines.append(f"| {b * block + 1}–{min(len(order), (b + 1) * block)} | " + " | ".join(cells) + " |")
