@@ -27,11 +27,11 @@ import torch
 import lmedit
 from lmedit.data import load_dataset
 from lmedit.methods import get_method
-from lmedit.methods.keyvalue import compute_keys, context_templates
+from lmedit.methods.keyvalue import compute_keys, context_templates, subject_last_token
 from lmedit.methods.solvers import nullspace_projector
 from lmedit.hooks import Hooks
 from lmedit.patch import EditedKeys, Patch, WeightDelta
-from lmedit.scoring import encode, forward_logits, tokenize
+from lmedit.scoring import encode, forward_logits
 from lmedit.stats import second_moments
 
 
@@ -55,7 +55,9 @@ def main() -> None:
     moments = second_moments(model, layers, hp.corpus, hp.stats_tokens)
     patch = Patch.load(args.run / "state" / "patch")
     recorded = {c.param: c.keys for c in patch.components if isinstance(c, EditedKeys)}
-    delta = {c.param: c.dense().double() for c in patch.components if isinstance(c, WeightDelta)}
+    in_out = model.spec.weight_layout == "in_out"  # GPT-2's Conv1D stores Wᵀ
+    delta = {c.param: (c.dense().T if in_out else c.dense()).double()  # ΔW as [d_model, d_mlp]
+             for c in patch.components if isinstance(c, WeightDelta)}
     patch.apply(model)
     print(f"{args.run.name}: first {args.n} edits, after {patch.info.get('chunks_done')} edit calls")
     for i, layer in enumerate(layers):
@@ -76,24 +78,19 @@ def main() -> None:
         print(f"first {args.n} edits, Rel.(tf) with ΔW at {label}: {rewrite_accuracy(model, requests, delta, mode):.3f}")
 
 
-def subject_last_token(model: object, request: object) -> int:
-    """Position of the subject's last token in the prompt as lmedit tokenises it."""
-    end = request.template.index("{}") + len(request.subject)  # type: ignore[attr-defined]
-    _, offsets = tokenize(model, request.template.format(request.subject))  # type: ignore[attr-defined]
-    return max(i for i, (a, b) in enumerate(offsets) if b > a and a < end)
-
-
 def rewrite_accuracy(model: object, requests: list, delta: dict[str, torch.Tensor], mode: str) -> float:
     """Mean teacher-forced token accuracy of each request's new target, with ``ΔW k`` added to ``W_out``'s
     output at every position (``all``), at the subject's last token (``subject``) or nowhere (``none``)."""
     accuracies = []
     for request in requests:
-        batch = encode(model, [request.template.format(request.subject)], [request.target_new])  # one row: no padding
+        # one row, no padding, one pass over prompt and target (the scorer's cached prompt prefix would hide
+        # the positions from the hooks)
+        batch = encode(model, [request.prompt], [request.target_new])
         mask = torch.zeros(batch.input_ids.shape[1], 1)
         if mode == "all":
             mask[:] = 1.0
         elif mode == "subject":
-            mask[subject_last_token(model, request)] = 1.0
+            mask[subject_last_token(model, request.prompt, request.subject_span()[1])] = 1.0
         with Hooks(model.module) as hooks, torch.no_grad():  # type: ignore[attr-defined]
             for name, d in delta.items():
                 path = name.removesuffix(".weight")
