@@ -822,6 +822,26 @@ def test_fixed_prefix_matches_full_forward(arch):
             torch.testing.assert_close(first, reference, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(prefix.logits(last), first, atol=0, rtol=0)  # the cache is not consumed
             torch.testing.assert_close(prefix.logits(1), reference[:, -1:], atol=1e-5, rtol=1e-5)
+            # scattered positions (one row's earlier token, the targets' predictors): the unembedding sees
+            # only those, and their logits are the full pass's
+            reads = torch.zeros_like(batch.target_mask)
+            reads[:, -last:-1] = batch.target_mask[:, -last + 1:]
+            if batch.input_ids.shape[1] - last - 1 >= cut:
+                reads[1, -last - 1] = True
+            else:  # a position the prefix's cache holds has no logits to give
+                early = reads.clone()
+                early[1, -last - 1] = True
+                with pytest.raises(ValueError, match="before the fixed prefix's end"):
+                    prefix.logits_where(early)
+            seen = []
+            unembed = model.module.get_output_embeddings()
+            handle = unembed.register_forward_hook(lambda _m, args, out: seen.append(tuple(args[0].shape[:-1])))
+            try:
+                picked = prefix.logits_where(reads)
+            finally:
+                handle.remove()
+            assert seen == [(1, int(reads.sum()))]
+            torch.testing.assert_close(picked, full[reads], atol=1e-5, rtol=1e-5)
 
 
 def test_scoring_batches_stay_within_the_logits_budget(monkeypatch):

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -156,7 +156,8 @@ class FixedPrefix:
         try:
             with torch.no_grad():
                 out = model.module(input_ids=batch.input_ids[:, :self.cut], attention_mask=batch.attention_mask[:, :self.cut],
-                                   position_ids=self.positions[:, :self.cut], use_cache=True)
+                                   position_ids=self.positions[:, :self.cut], use_cache=True,
+                                   logits_to_keep=1)  # only the cache is wanted
             self.cache = getattr(out, "cache", None) or out.past_key_values
         except (TypeError, ValueError, NotImplementedError):
             self.cache = None
@@ -165,52 +166,73 @@ class FixedPrefix:
 
     def logits(self, last: int) -> torch.Tensor:
         """Logits ``[B, last, V]`` of the batch's last ``last`` positions (``last ≤ L − cut``)."""
+        return self._run(last)[:, -last:]
+
+    def logits_where(self, reads: torch.Tensor) -> torch.Tensor:
+        """Logits ``[M, V]`` at the positions where ``reads`` (``[B, L]``, none before ``cut``) is True
+        (``logits_at``: the unembedding sees only those)."""
+        if bool(reads[:, :self.cut].any()):
+            raise ValueError(f"positions before the fixed prefix's end ({self.cut}) have no logits here")
+        return logits_at(self.model, reads, self._run)
+
+    def _run(self, last: int) -> torch.Tensor:
+        """The model's logits asking for the last ``last`` positions, as the model returns them."""
         import copy
 
         if self.cut == 0:
-            return forward_logits(self.model, self.batch, last)
+            return _model_logits(self.model, self.batch, last)
         b = self.batch
         return self.model.module(input_ids=b.input_ids[:, self.cut:], attention_mask=b.attention_mask,
                                  position_ids=self.positions[:, self.cut:], use_cache=True, logits_to_keep=last,
-                                 **{_cache_keyword(self.model.module): copy.deepcopy(self.cache)}).logits[:, -last:]
+                                 **{_cache_keyword(self.model.module): copy.deepcopy(self.cache)}).logits
 
 
-def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
-    """Differentiable ``log P(y_t | prompt, y_<t)`` as ``[B, T]`` aligned right (0 where padded).
+def logits_at(model: Any, reads: torch.Tensor, run: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Logits ``[M, V]`` at the ``M`` positions where ``reads`` (``[B, L]``) is True, in row-major order.
 
-    Column ``j`` of the result is the target token at input position ``L - T + j``.
-
-    The unembedding sees only the positions that predict a target token (a ``Hooks.replace`` on its input): its
-    product with the vocabulary, the log-softmax and their backward pass are most of a training step's
-    cost on a large vocabulary (Gemma-3: 262k tokens), and a batch of targets of unequal lengths (or
-    the last position, which predicts nothing) would otherwise pay for padding.
+    ``run(last)`` runs the model asking for the logits of its last ``last`` positions (``logits_to_keep``);
+    a ``Hooks.replace`` on the unembedding's input hands it only the read positions. Its product with the
+    vocabulary, the log-softmax and their backward pass are most of an optimisation step's cost on a large
+    vocabulary (Gemma-3: 262k tokens), and rows of unequal target lengths (or the last position, which
+    predicts nothing) would otherwise pay for padding. Architectures that reshape the unembedding's output
+    are run again without the cut.
     """
-    n = batch.n_target
-    targets = batch.input_ids[:, -n:]
-    wanted = batch.target_mask[:, -n:]  # [B, n]: which of the last n tokens are targets
-    reads = torch.zeros_like(batch.target_mask)  # [B, L]: the positions whose logits predict a target token
-    reads[:, -n - 1:-1] = wanted
+    first = int(reads.any(0).nonzero()[0]) if bool(reads.any()) else reads.shape[1] - 1
+    last = reads.shape[1] - first
     cut: list[bool] = []
 
     def keep_reads(hidden: torch.Tensor) -> torch.Tensor | None:
         """The unembedding's input [B, P, d] (its P positions are the last of the sequence) → [1, M, d]."""
-        if hidden.dim() != 3 or hidden.shape[0] != reads.shape[0] or hidden.shape[1] > reads.shape[1]:
+        if hidden.dim() != 3 or hidden.shape[0] != reads.shape[0] or not last <= hidden.shape[1] <= reads.shape[1]:
             return None
         cut.append(True)
         return hidden[reads[:, -hidden.shape[1]:]].unsqueeze(0).contiguous()
 
     with Hooks(model.module) as hooks:
         hooks.replace(model.spec.unembed, "input", keep_reads)
-        logits = _model_logits(model, batch, n + 1)
-    if len(cut) == 1 and logits.shape[:2] == (1, int(wanted.sum())):
-        logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
-        return torch.zeros(wanted.shape, dtype=logp.dtype, device=logp.device).index_put((wanted,), logp)
-    if cut:  # an architecture that reshapes the unembedding's output: run again with all n + 1 positions
-        logits = _model_logits(model, batch, n + 1)
-    # (uncut: an architecture that reaches its vocabulary otherwise; these logits already hold all positions)
-    logits = logits[:, -n - 1:-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * wanted
+        logits = run(last)
+    if len(cut) == 1 and logits.shape[:2] == (1, int(reads.sum())):
+        return logits[0]
+    if cut:  # an architecture that reshapes the unembedding's output: run again with all positions
+        logits = run(last)
+    # (uncut: an architecture that reaches its vocabulary otherwise; its logits hold at least ``last`` positions)
+    return logits[:, -last:][reads[:, -last:]]
+
+
+def target_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """Differentiable ``log P(y_t | prompt, y_<t)`` as ``[B, T]`` aligned right (0 where padded).
+
+    Column ``j`` of the result is the target token at input position ``L - T + j``. The unembedding
+    sees only the positions that predict a target token (``logits_at``).
+    """
+    n = batch.n_target
+    targets = batch.input_ids[:, -n:]
+    wanted = batch.target_mask[:, -n:]  # [B, n]: which of the last n tokens are targets
+    reads = torch.zeros_like(batch.target_mask)  # [B, L]: the positions whose logits predict a target token
+    reads[:, -n - 1:-1] = wanted
+    logits = logits_at(model, reads, lambda last: _model_logits(model, batch, last))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(wanted.shape, dtype=logp.dtype, device=logp.device).index_put((wanted,), logp)
 
 
 @dataclass

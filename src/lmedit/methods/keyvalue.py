@@ -316,16 +316,21 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
     n_req = len(requests)
     spec = model.spec
     width = batch.input_ids.shape[1]
-    keep = max(batch.n_target + 1, int((width - prompted.positions[prompted.is_kl]).max()) if prompted.is_kl.any() else 1)
     delta = torch.zeros((len(sites), n_req, spec.hidden_size), dtype=torch.float32, device=model.device,
                         requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     target_rows = ~prompted.is_kl
     n_t = batch.n_target
-    ids = batch.input_ids[:, -n_t:]
     tmask = batch.target_mask[:, -n_t:]
     kl_rows = prompted.is_kl
-    kl_cols = prompted.positions[kl_rows] - (width - keep)
+    # the positions whose logits the loss reads: those predicting a target token, and each KL row's own
+    reads = torch.zeros_like(batch.target_mask)
+    reads[:, -n_t - 1:-1] = tmask
+    reads[rows[kl_rows], prompted.positions[kl_rows]] = True
+    read_rows = reads.nonzero()[:, 0]
+    predicts = ~kl_rows[read_rows]  # which read positions predict a target token (the rest: KL)
+    predicting = predicts.nonzero()[:, 0]
+    labels = batch.input_ids[:, 1:][reads[:, :-1] & ~kl_rows[:, None]]
     weights = _row_weights(prompted, cfg.prompt_share)[target_rows, None]  # sum to 1 per request
     values: dict[int, torch.Tensor] = {}
     cut = int(prompted.positions.min())  # nothing before the earliest subject position changes
@@ -349,13 +354,13 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
         for i, site in enumerate(sites):
             hooks.replace(spec.path(layer, site), "output", injector(i))
         for step in range(cfg.steps + 1):
-            logits = runner.logits(keep).float()
-            logp = torch.log_softmax(logits[:, -n_t - 1:-1], dim=-1)
-            token_lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * tmask
+            logp = torch.log_softmax(runner.logits_where(reads).float(), dim=-1)  # [read positions, V]
+            token_lp = torch.zeros(tmask.shape, dtype=logp.dtype, device=logp.device).index_put(
+                (tmask,), logp[predicting, labels])
             mean_lp = token_lp.sum(1) / tmask.sum(1).clamp(min=1)  # per row
             nll = -_sum_by_owner(weights * mean_lp[target_rows, None], prompted.owner[target_rows], n_req)[:, 0]
             prob = _sum_by_owner(weights * mean_lp[target_rows, None].exp(), prompted.owner[target_rows], n_req)[:, 0]
-            kl_logp = torch.log_softmax(logits[kl_rows, kl_cols], dim=-1)
+            kl_logp = logp[~predicts]  # one per KL row, in row order
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(P₀ ‖ P_δ), one per request
