@@ -6,9 +6,9 @@
 Prints: the statistics collector's tokens/s (fresh collection into a temporary cache, then the
 cached load time); seconds per ROME edit over the first ``n`` CounterFact cases split into keys,
 values (v*), solve; the v* loop's seconds per optimisation step against one forward pass over the
-same prefixed prompts; MEMIT's v\* for one group of 8 ZsRE requests (cases 8–15, 10 steps, no early
-stop: the batched optimisation whose rows have targets of unequal lengths); one MEMIT batch of ``batch`` edits with its breakdown. Run it on an idle
-machine: it measures wall time.
+same prefixed prompts; MEMIT's v* for one group of 8 ZsRE requests (cases 8–15, 10 steps, no early
+stop: the batched optimisation whose rows have targets of unequal lengths); one MEMIT batch of ``batch``
+edits with its breakdown. Run it on an idle machine: it measures wall time.
 """
 from __future__ import annotations
 

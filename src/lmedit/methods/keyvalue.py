@@ -315,7 +315,6 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
         scale = (row_keys * readout.to(row_keys)[prompted.owner]).sum(-1)
     n_req = len(requests)
     spec = model.spec
-    width = batch.input_ids.shape[1]
     delta = torch.zeros((len(sites), n_req, spec.hidden_size), dtype=torch.float32, device=model.device,
                         requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
