@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import lmedit
-from lmedit.scoring import score_continuations
+from lmedit.continuations import score_continuations
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 

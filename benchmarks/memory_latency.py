@@ -45,7 +45,8 @@ from lmedit.methods.ike import ContextFacts
 from lmedit.methods.side_memory import Memory, SideMemoryEdit
 from lmedit.methods.wise import default_mask_ratio, default_sharding
 from lmedit.patch import Patch
-from lmedit.scoring import generate, join, tokenize
+from lmedit.continuations import generate
+from lmedit.scoring import join, tokenize
 
 
 def layer_inputs(model: Any, path: str, prompts: list[str]) -> torch.Tensor:

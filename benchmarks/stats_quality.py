@@ -14,7 +14,7 @@ import time
 
 import lmedit
 from lmedit.data import load_dataset
-from lmedit.scoring import score_prompts
+from lmedit.continuations import score_prompts
 
 
 def prob_wins(model, prompts, first, second) -> float:

@@ -13,7 +13,8 @@ import torch
 import lmedit
 from lmedit.adaptors import adaptors
 from lmedit.patch import Patch
-from lmedit.scoring import encode, forward_logits, score_continuations
+from lmedit.continuations import score_continuations
+from lmedit.scoring import encode, forward_logits
 from tiny import CORPUS, tiny
 from tiny import bit_identical as _unchanged, params as _params
 

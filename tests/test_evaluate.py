@@ -16,7 +16,7 @@ from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_ite
 from lmedit.evaluate.report import curve_label
 from lmedit.evaluate.runner import read_cases
 from lmedit.methods.finetune import FTM
-from lmedit.scoring import generate
+from lmedit.continuations import generate
 from tiny import tiny
 
 # ----------------------------------------------------------------------------------- pure metrics

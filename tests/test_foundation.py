@@ -14,8 +14,8 @@ from lmedit.hooks import Hooks, ReplayBelow
 from lmedit.models.spec import ModelSpec, discover_spec, get_module, is_conv1d, linear_dims, mlp_out_weight
 from lmedit.patch import Patch, WeightDelta
 from lmedit.requests import EditRequest, Probe, as_requests
-from lmedit.scoring import (FixedPrefix, encode, forward_logits, generate, join, score_continuations, score_prompts,
-                            target_logprobs)
+from lmedit.continuations import generate, score_continuations, score_prompts
+from lmedit.scoring import FixedPrefix, encode, forward_logits, join, target_logprobs
 from tiny import CONFIGS, tiny
 from tiny import params as _params
 
@@ -846,19 +846,19 @@ def test_fixed_prefix_matches_full_forward(arch):
 
 def test_scoring_batches_stay_within_the_logits_budget(monkeypatch):
     """A large vocabulary with long continuations is scored in smaller batches, with the same results."""
-    import lmedit.scoring as scoring
+    import lmedit.continuations as continuations
 
     model = tiny("llama")
-    vocab = scoring._vocab_size(model)
+    vocab = continuations._vocab_size(model)
     assert vocab == model.module.config.vocab_size
     prompts = PROMPTS * 4
     targets = [[" Paris is a city in France", "x"], ["yz"], [" and more and more"]] * 4
     reference = score_prompts(model, prompts, targets, greedy=3)
     seen: list[tuple[int, int]] = []  # (rows, longest continuation) of each batch
-    real = scoring._score_batch
-    monkeypatch.setattr(scoring, "_score_batch", lambda m, p, c, g: (
+    real = continuations._score_batch
+    monkeypatch.setattr(continuations, "_score_batch", lambda m, p, c, g: (
         seen.append((len(p), max(len(x) for row in c for x in row))), real(m, p, c, g))[1])
-    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 3 * 8 * vocab)
+    monkeypatch.setattr(continuations, "LOGITS_BUDGET", 3 * 8 * vocab)
     bounded = score_prompts(model, prompts, targets, greedy=3)
     assert all(rows * width * vocab <= 3 * 8 * vocab or rows == 1 for rows, width in seen), seen
     assert sum(rows for rows, _ in seen) == len(prompts) and (4, 3) in seen and (1, 26) in seen
@@ -867,24 +867,24 @@ def test_scoring_batches_stay_within_the_logits_budget(monkeypatch):
         for x, y in zip(a.continuations, b.continuations):
             assert x.token_ids == y.token_ids and x.logprob == pytest.approx(y.logprob, abs=1e-4)
     # batches: cut by size, by the budget, and a prompt too long for the budget still gets its own batch
-    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 10)
-    assert scoring._logit_bounded_batches([0, 1, 2, 3], [1, 1, 1, 1], 2, 1) == [[0, 1], [2, 3]]
-    assert scoring._logit_bounded_batches([0, 1, 2], [1, 5, 1], 8, 1) == [[0, 1], [2]]
-    assert scoring._logit_bounded_batches([0, 1, 2], [1, 6, 1], 8, 1) == [[0], [1], [2]]
-    assert scoring._logit_bounded_batches([0, 1, 2], [2, 20, 2], 8, 1) == [[0], [1], [2]]
+    monkeypatch.setattr(continuations, "LOGITS_BUDGET", 10)
+    assert continuations._logit_bounded_batches([0, 1, 2, 3], [1, 1, 1, 1], 2, 1) == [[0, 1], [2, 3]]
+    assert continuations._logit_bounded_batches([0, 1, 2], [1, 5, 1], 8, 1) == [[0, 1], [2]]
+    assert continuations._logit_bounded_batches([0, 1, 2], [1, 6, 1], 8, 1) == [[0], [1], [2]]
+    assert continuations._logit_bounded_batches([0, 1, 2], [2, 20, 2], 8, 1) == [[0], [1], [2]]
 
 
 def test_scoring_batches_rows_that_decode_alike_together(monkeypatch):
     """Rows are batched by generated tokens, then continuation length: a batch runs as long as its widest row."""
-    import lmedit.scoring as scoring
+    import lmedit.continuations as continuations
 
     model = tiny("llama")
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0] + " and"]
     targets = [[" a long answer of many words"], ["x"], [" a long answer of many words"], ["x"]]
     reference = score_prompts(model, prompts, targets, greedy=[4, 0, 4, 0], batch_size=64)
     seen: list[list[int]] = []
-    real = scoring._score_batch
-    monkeypatch.setattr(scoring, "_score_batch", lambda m, p, c, g: (seen.append(list(g)), real(m, p, c, g))[1])
+    real = continuations._score_batch
+    monkeypatch.setattr(continuations, "_score_batch", lambda m, p, c, g: (seen.append(list(g)), real(m, p, c, g))[1])
     grouped = score_prompts(model, prompts, targets, greedy=[4, 0, 4, 0], batch_size=2)
     assert seen == [[0, 0], [4, 4]]
     for a, b in zip(reference, grouped):  # same scores whatever the batches

@@ -13,7 +13,8 @@ from lmedit.evaluate import evaluate
 from lmedit.hooks import read_module
 from lmedit.methods.grace import Codebook
 from lmedit.patch import Patch
-from lmedit.scoring import encode, forward_logits, score_continuations
+from lmedit.continuations import score_continuations
+from lmedit.scoring import encode, forward_logits
 from tiny import gemma_like_post_norm, tiny
 from tiny import params as _params
 
@@ -96,7 +97,7 @@ def test_grace_sequential_run_checkpoints_and_restores(tmp_path):
 
 @pytest.mark.real
 def test_grace_on_smollm2_sequential_edits():
-    from lmedit.scoring import generate
+    from lmedit.continuations import generate
 
     model = lmedit.load_model("smollm2-135m")
     requests = [lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome"),
@@ -117,7 +118,7 @@ def test_grace_on_smollm2_sequential_edits():
 
 @pytest.mark.real
 def test_wise_on_smollm2_sequential_edits_route_only_their_prompts():
-    from lmedit.scoring import generate
+    from lmedit.continuations import generate
     from lmedit.stats import default_corpus
 
     if default_corpus() is None:  # sampled from the model instead, the unrelated inputs let the Colosseum prompt in

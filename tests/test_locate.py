@@ -211,7 +211,7 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, update_aware, tmp_path, 
     # A 2-layer random model cannot be made to say much from one vector at one position: the subject
     # ends the prompt and the constraints are loosened, so the test measures ROME's algebra, not capacity.
     request = lmedit.EditRequest("The colour of {}", "grass", " Z")
-    before = lmedit.scoring.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
+    before = lmedit.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
     saved = _params(model)
     patch = lmedit.edit(model, request, method="rome", layer=0, update_aware=update_aware,
                         **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
@@ -219,7 +219,7 @@ def test_rome_edit_maps_the_key_and_is_reversible(arch, update_aware, tmp_path, 
     [change] = patch.components
     assert change.left.shape[1] == 1  # rank one
     with patch.applied(model):
-        after = lmedit.scoring.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
+        after = lmedit.score_continuations(model, [request.prompt], [request.target_new])[0].mean_logprob
     assert after > before + 3.0, (before, after)
     assert _bit_identical(model, saved)  # reverted bit for bit
 
@@ -300,7 +300,7 @@ def test_memit_family_edits_are_reversible(method, arch, keys, tmp_path, monkeyp
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     model = tiny(arch)
     requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
-    before = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+    before = [s.mean_logprob for s in lmedit.score_continuations(model, [r.prompt for r in requests],
                                                                         [r.target_new for r in requests])]
     saved = _params(model)
     extra = {"nullspace_threshold": 1e9, "l2": 1e-2} if method == "alphaedit" else {}  # random keys: no null space
@@ -315,7 +315,7 @@ def test_memit_family_edits_are_reversible(method, arch, keys, tmp_path, monkeyp
     steps = patch.info["v_steps"]  # one entry per request (its v* group's), so each case record gets its own
     assert len(steps) == len(requests) and all(isinstance(s, int) and 0 < s <= 60 for s in steps)
     with patch.applied(model):
-        after = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+        after = [s.mean_logprob for s in lmedit.score_continuations(model, [r.prompt for r in requests],
                                                                            [r.target_new for r in requests])]
     assert all(a > b + 0.5 for a, b in zip(after, before)), (before, after)
     assert _bit_identical(model, saved)
@@ -357,12 +357,12 @@ def test_memit_family_writes_through_gemma_post_mlp_norms(method, keys, tmp_path
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     model = gemma_like_post_norm(tiny("gemma3"))
     requests = [lmedit.EditRequest("The colour of {}", "grass", " Z"), lmedit.EditRequest("The size of {}", "a house", " Q")]
-    before = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+    before = [s.mean_logprob for s in lmedit.score_continuations(model, [r.prompt for r in requests],
                                                                         [r.target_new for r in requests])]
     patch = lmedit.edit(model, requests, method=method, layers=(0, 1), mom2_weight=1.0, keys=keys,
                         **{**FAST, "clamp_norm_factor": 100.0, "weight_decay": 0.0, "kl_factor": 0.0, "steps": 60})
     with patch.applied(model):
-        after = [s.mean_logprob for s in lmedit.scoring.score_continuations(model, [r.prompt for r in requests],
+        after = [s.mean_logprob for s in lmedit.score_continuations(model, [r.prompt for r in requests],
                                                                            [r.target_new for r in requests])]
     # written before the norm unchanged, MEMIT's residual grew (207 → 477) and the targets lost probability
     assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
@@ -404,7 +404,7 @@ def smol():
 
 @pytest.mark.real
 def test_rome_on_smollm2_generalises_and_keeps_other_facts(smol):
-    from lmedit.scoring import generate
+    from lmedit.continuations import generate
 
     request = lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")
     saved = _params(smol)
@@ -420,7 +420,7 @@ def test_rome_on_smollm2_generalises_and_keeps_other_facts(smol):
 @pytest.mark.real
 @pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
 def test_batch_edit_on_smollm2(smol, method):
-    from lmedit.scoring import generate
+    from lmedit.continuations import generate
 
     requests = [lmedit.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome"),
                 lmedit.EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")]
@@ -543,7 +543,7 @@ def test_document_start_token_shifts_positions_consistently():
 @pytest.mark.real
 def test_rome_edits_a_subject_initial_prompt(smol):
     """Without the document-start token the subject sits at the attention sink and the edit fails."""
-    from lmedit.scoring import score_continuations
+    from lmedit.continuations import score_continuations
 
     assert smol.doc_start == 0  # <|endoftext|>
     request = lmedit.EditRequest("Laurent Cars was employed in", "Laurent Cars", " Philadelphia", " Paris")

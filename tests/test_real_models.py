@@ -16,7 +16,7 @@ import torch
 import lmedit
 from lmedit.adaptors import adaptors
 from lmedit.errors import ModelLoadError, PatchError
-from lmedit.scoring import generate, score_continuations
+from lmedit.continuations import generate, score_continuations
 from tiny import bit_identical as _bit_identical, params as _params
 
 pytestmark = pytest.mark.real

@@ -95,7 +95,7 @@ def test_lm_steer_fits_both_directions_and_patches_exactly(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(forward_logits(model, batch), base) and not adaptors(model)
     # +ε makes the positive texts likelier than −ε does
-    from lmedit.scoring import score_continuations
+    from lmedit.continuations import score_continuations
 
     def nll(eps):
         with steer_.patch(model, eps).applied(model):

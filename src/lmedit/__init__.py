@@ -27,8 +27,8 @@ _LAZY = {
     "edit": "lmedit.methods",
     "get_method": "lmedit.methods",
     "list_methods": "lmedit.methods",
-    "generate": "lmedit.scoring",
-    "score_continuations": "lmedit.scoring",
+    "generate": "lmedit.continuations",
+    "score_continuations": "lmedit.continuations",
     "LmeditError": "lmedit.errors",
 }
 
@@ -49,4 +49,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from lmedit.models import Model, ModelSpec, bundled_models, load_model
     from lmedit.patch import Patch
     from lmedit.requests import EditRequest
-    from lmedit.scoring import generate, score_continuations
+    from lmedit.continuations import generate, score_continuations

@@ -86,7 +86,7 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="promp
              model: str = ModelOpt, max_new_tokens: int = TokensOpt, device: Optional[str] = DeviceOpt,
              dtype: Optional[str] = DtypeOpt, chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
     """Greedy continuation of one or more prompts."""
-    from lmedit.scoring import generate as gen
+    from lmedit.continuations import generate as gen
 
     m = _load(model, device, dtype, chat)
     outs = gen(m, prompt, max_new_tokens=max_new_tokens)
@@ -108,7 +108,7 @@ def edit(prompt: str = typer.Option(..., "--prompt", "-p", help="prompt template
     """Edit one fact and show generations before and after the edit."""
     from lmedit.methods import get_method
     from lmedit.requests import EditRequest
-    from lmedit.scoring import generate as gen
+    from lmedit.continuations import generate as gen
 
     request = EditRequest(prompt, subject, target)
     editor = get_method(method, **_parse_hparams(hparam))
@@ -138,7 +138,7 @@ def apply(directory: str = typer.Argument(..., help="a directory written by `lme
           chat: bool = ChatOpt, as_json: bool = JsonOpt) -> None:
     """Load a saved patch, apply it and generate."""
     from lmedit.patch import Patch
-    from lmedit.scoring import generate as gen
+    from lmedit.continuations import generate as gen
 
     patch = Patch.load(directory)
     m = _load(model or patch.info.get("model", "smollm2-135m"), device, dtype, chat)

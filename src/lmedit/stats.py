@@ -91,7 +91,7 @@ def model_corpus(model: Any, max_tokens: int, length: int = 128, seed: int = 0) 
     path = cache_dir() / "stats" / model.fingerprint[:16] / f"model-corpus-{seed}-{max_tokens}-{length}.json"
     if path.exists():
         return json.loads(path.read_text())
-    from lmedit.scoring import _hf_generate_ids
+    from lmedit.continuations import hf_generate_ids
 
     seeds = ["The", "In", "A", "It", "This", "When", "After", "He", "She", "They"]
     count = max(1, -(-max_tokens // length))
@@ -99,7 +99,7 @@ def model_corpus(model: Any, max_tokens: int, length: int = 128, seed: int = 0) 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        rows = _hf_generate_ids(model, prompts, length, 64, do_sample=True, top_k=40)
+        rows = hf_generate_ids(model, prompts, length, 64, do_sample=True, top_k=40)
     finally:
         torch.random.set_rng_state(state)
     texts = [p + model.tokenizer.decode(r, skip_special_tokens=True) for p, r in zip(prompts, rows)]

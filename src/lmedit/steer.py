@@ -30,7 +30,8 @@ from lmedit.errors import PatchError, RequestError
 from lmedit.hooks import Hooks
 from lmedit.patch import COMPONENTS, Component, Patch
 from lmedit.models.loading import require_model
-from lmedit.scoring import check_texts, encode, forward_logits, generate, score_prompts
+from lmedit.continuations import generate, score_prompts
+from lmedit.scoring import check_texts, encode, forward_logits
 
 
 class ActivationAddition(Adaptor):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from lmedit.evaluate.metrics import generation_matches
 from lmedit.patch import Patch
-from lmedit.scoring import generate
+from lmedit.continuations import generate
 
 QUESTION_TEMPLATE = "Q: {}\nA:"
 

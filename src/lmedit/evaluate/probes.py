@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from lmedit.evaluate.metrics import generation_matches, ngram_entropy, prob_success, tfidf_cosine, token_agreement
 from lmedit.requests import EditRequest
-from lmedit.scoring import encode, generate, score_prompts
+from lmedit.continuations import generate, score_prompts
+from lmedit.scoring import encode
 
 KINDS = ("rewrite", "rephrase", "locality", "portability")
 

@@ -45,7 +45,7 @@ def context_templates(model: Any, lengths: Sequence[tuple[int, int]] = ((5, 10),
     key = ("context_templates", tuple(lengths), seed)
     if key in model.cache:
         return model.cache[key]
-    from lmedit.scoring import _hf_generate_ids
+    from lmedit.continuations import hf_generate_ids
 
     templates = ["{}"]
     generator_state = torch.random.get_rng_state()
@@ -53,7 +53,7 @@ def context_templates(model: Any, lengths: Sequence[tuple[int, int]] = ((5, 10),
     try:
         for length, count in lengths:
             seeds = [CONTEXT_SEEDS[i % len(CONTEXT_SEEDS)] for i in range(count)]
-            rows = _hf_generate_ids(model, seeds, length, count, do_sample=True, top_k=5)
+            rows = hf_generate_ids(model, seeds, length, count, do_sample=True, top_k=5)
             for s, row in zip(seeds, rows):
                 text = (s + model.tokenizer.decode(row, skip_special_tokens=True)).replace("{", " ").replace("}", " ")
                 templates.append(" ".join(text.split()) + ". {}")
