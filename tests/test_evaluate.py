@@ -69,7 +69,7 @@ def test_case_records_from_known_scores():
         ItemScore([8, 9], [8, 1], math.log(0.5), 0.5, math.log(0.1), " Madrid", [8, 1]),  # locality
         ItemScore([4], [4], math.log(0.7), 1.0, None, " Italy", [4]),                    # portability
     ]
-    baseline = {("The capital of Spain is", " Madrid"): ItemScore([8, 9], [8, 9], 0.0, 1.0, None, " Madrid", [8, 9])}
+    baseline = {("The capital of Spain is", " Madrid", " Rome"): ItemScore([8, 9], [8, 9], 0.0, 1.0, None, " Madrid", [8, 9])}
     [rec] = case_records([req], items, scores, baseline)
     assert rec["case_id"] == "7"
     assert rec["rewrite_tf"] == 1.0 and rec["rewrite_em"] == 1.0 and rec["efficacy"] == 1.0
@@ -125,6 +125,19 @@ def test_unedited_run_has_perfect_locality_and_writes_outputs(model, tmp_path):
     assert "none (unedited) |" in markdown_table([loaded])  # CPU, float32: no placement mark
     loaded.config["model"].update(device="cuda:0", dtype="torch.bfloat16")
     assert "none (unedited) [cuda:0, bfloat16] |" in markdown_table([loaded])
+
+
+def test_an_unedited_bfloat16_model_agrees_with_its_locality_baseline():
+    """Batched in bfloat16, a prompt's greedy continuation depends on its batchmates by rounding alone
+    (this model, scored with all probes mixed in batches: Loc.(gen) 0.88); locality is scored one prompt at
+    a time there, in the baseline and after the edit, so an untouched prompt agrees exactly."""
+    half = tiny("llama", seed=0)
+    half.module.to(torch.bfloat16)
+    reqs = [lmedit.EditRequest(f"Fact {'very ' * (i % 7)}number {i} is about", "Fact", f" zq{i}.",
+                               locality=[{"prompt": f"Unrelated {'long ' * (i % 5)}text {i} says",
+                                          "answer": " hello world"}], case_id=i) for i in range(40)]
+    overall = evaluate(half, None, reqs, progress=False).summary["overall"]
+    assert overall["locality_tf"] == 1.0 and overall["locality_em"] == 1.0
 
 
 def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path):

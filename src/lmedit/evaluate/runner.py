@@ -44,7 +44,7 @@ import torch
 
 from lmedit.errors import EditError, EvalError
 from lmedit.evaluate.multihop import multihop_record
-from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_items
+from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_probes
 from lmedit.evaluate.sequential import chunks, run_sequential
 from lmedit.models.bundled import cache_dir
 from lmedit.patch import Patch
@@ -85,7 +85,7 @@ class _Run:
               per_case: Sequence[dict[str, Any]] | None = None) -> None:
         reqs = [self.requests[i] for i in cases]
         items = probe_items(reqs)
-        scores = score_items(self.model, items, generation=self.generation)
+        scores = score_probes(self.model, items, generation=self.generation)
         records = case_records(reqs, items, scores, baseline)
         fluent = fluency_records(self.model, reqs) if self.fluency else [{} for _ in reqs]
         for j, (i, rec, flu) in enumerate(zip(cases, records, fluent)):
