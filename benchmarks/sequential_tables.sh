@@ -10,6 +10,8 @@
 #   262k-token vocabulary takes about an hour single-threaded.)
 #   EVAL_ARGS="--hparam rehearse=8" METHODS=wise-retrieve ... gemma3-270m   (Gemma-3's keys are alike: WISE needs
 #   more rehearsal there, see lmedit.methods.wise; the table's Gemma row ran as runs/gemma3-270m-zsre-wise-retrieve-rehearse8-*)
+#   DTYPE=bfloat16 DATA=hallucination T=600 METHODS=wise-retrieve ...   (the model in bfloat16, runs named
+#   runs/<model>-bf16-...: on a CPU with AVX-512 BF16 a training step is 2.1-2.6x faster; benchmarks/train_dtype.py)
 set -euo pipefail
 { # bash reads the whole block before running it: editing this file under a running benchmark is safe
 read -r -a extra <<< "${EVAL_ARGS:-}"  # e.g. EVAL_ARGS="--device cuda --dtype float32" (on a GPU)
@@ -17,6 +19,8 @@ models=${*:-smollm2-135m}
 T=${T:-1000}
 DATA=${DATA:-zsre}
 METHODS=${METHODS:-ft-l ft-ewc lora grace wise wise-retrieve defer alphaedit memit rome}
+tag=""
+if [ -n "${DTYPE:-}" ]; then extra+=(--dtype "$DTYPE"); tag="-${DTYPE/bfloat16/bf16}"; fi
 checkpoints=$(for t in ${MARKS:-1 10 100 600 1000 10000}; do if [ "$t" -le "$T" ]; then printf '%s,' "$t"; fi; done)
 for model in $models; do
   for method in $METHODS; do
@@ -35,7 +39,7 @@ for model in $models; do
     # the lifelong literature scores them teacher-forced and by perplexity
     case $DATA in hallucination|temporal) args+=(--no-generation) ;; esac
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
-      --checkpoints "${checkpoints%,}" --out "runs/$model-$DATA-$method-sequential-$T" --resume "${extra[@]}"
+      --checkpoints "${checkpoints%,}" --out "runs/$model$tag-$DATA-$method-sequential-$T" --resume "${extra[@]}"
   done
 done
 lmedit report runs/*-sequential-*
