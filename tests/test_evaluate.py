@@ -12,7 +12,7 @@ from lmedit.errors import LmeditError
 from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, plot_comparison, resummarize
 from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
                                      tfidf_cosine, token_agreement)
-from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, probe_items, score_items
+from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, locality_baseline, probe_items, score_items
 from lmedit.evaluate.report import curve_label
 from lmedit.evaluate.runner import read_cases
 from lmedit.methods.finetune import FTM
@@ -138,6 +138,17 @@ def test_an_unedited_bfloat16_model_agrees_with_its_locality_baseline():
                                           "answer": " hello world"}], case_id=i) for i in range(40)]
     overall = evaluate(half, None, reqs, progress=False).summary["overall"]
     assert overall["locality_tf"] == 1.0 and overall["locality_em"] == 1.0
+
+
+def test_the_locality_baseline_is_cached_per_dtype(tmp_path):
+    """The fingerprint is the same in every dtype; a bfloat16 run must not read a float32 baseline."""
+    m = tiny("llama", seed=2)
+    items = probe_items(_requests(m, 6))
+    for n, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16), start=1):
+        m.module.to(dtype)
+        cached = locality_baseline(m, items, tmp_path)
+        assert len(list(tmp_path.rglob("locality-*.json"))) == n
+        assert cached == locality_baseline(m, items, None)  # as computed afresh in this dtype
 
 
 def test_single_protocol_edits_each_case_and_restores_the_model(model, tmp_path):

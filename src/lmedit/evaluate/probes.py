@@ -129,13 +129,14 @@ def baseline_key(item: ProbeItem) -> tuple[str, str, str | None]:
 def locality_baseline(model: Any, items: Sequence[ProbeItem], cache: Path | None = None) -> Baseline:
     """The *unedited* model's scores on the locality items, keyed by (prompt, answer).
 
-    Must run before any patch is applied. Cached as JSON under ``cache`` keyed by the model fingerprint
-    and a hash of the probes, so a dataset's baseline is computed once per model.
+    Must run before any patch is applied. Cached as JSON under ``cache`` keyed by the model fingerprint,
+    its dtype and device type (the fingerprint is the same in every dtype, the rounding is not) and a hash
+    of the probes, so a dataset's baseline is computed once per model and placement.
     """
     loc = list({baseline_key(it): it for it in items if it.kind == "locality"}.values())
     batch_size = locality_batch_size(model)
-    key = hashlib.sha256(json.dumps([list(baseline_key(it)) for it in loc] + [getattr(model, "doc_start", None),
-                                     model.chat, batch_size]).encode()).hexdigest()[:20]
+    setting = [getattr(model, "doc_start", None), model.chat, batch_size, str(model.dtype), model.device.type]
+    key = hashlib.sha256(json.dumps([list(baseline_key(it)) for it in loc] + setting).encode()).hexdigest()[:20]
     path = cache / model.fingerprint[:16] / f"locality-{key}.json" if cache else None
     if path is not None and path.exists():
         scores = [ItemScore(**d) for d in json.loads(path.read_text())]
