@@ -22,7 +22,15 @@ METHODS=${METHODS:-ft-l ft-ewc lora grace wise wise-retrieve defer alphaedit mem
 tag=""
 if [ -n "${DTYPE:-}" ]; then extra+=(--dtype "$DTYPE"); tag="-${DTYPE/bfloat16/bf16}"; fi
 checkpoints=$(for t in ${MARKS:-1 10 100 600 1000 10000}; do if [ "$t" -le "$T" ]; then printf '%s,' "$t"; fi; done)
+# passages: exact-match generation of a 100-token target says nothing (and costs most of the run);
+# the lifelong literature scores them teacher-forced and by perplexity
+gen=()
+case $DATA in hallucination|temporal) gen=(--no-generation) ;; esac
 for model in $models; do
+  # the unedited model, scored the same way (and in the same dtype): the reference every row is read against
+  [ -e "runs/$model$tag-$DATA-none/summary.json" ] ||
+    lmedit eval --model "$model" --data "$DATA" --n "$T" --method none "${gen[@]}" --out "runs/$model$tag-$DATA-none" \
+      --resume "${extra[@]}"
   for method in $METHODS; do
     args=(--method "$method")
     case $method in
@@ -35,9 +43,7 @@ for model in $models; do
       zsre|hallucination|temporal)
         case $method in wise|wise-retrieve|defer) args+=(--hparam "corpus=$DATA-train") ;; esac ;;
     esac
-    # passages: exact-match generation of a 100-token target says nothing (and costs most of the run);
-    # the lifelong literature scores them teacher-forced and by perplexity
-    case $DATA in hallucination|temporal) args+=(--no-generation) ;; esac
+    args+=("${gen[@]}")
     lmedit eval --model "$model" --data "$DATA" --n "$T" "${args[@]}" --protocol sequential --scoring after_all \
       --checkpoints "${checkpoints%,}" --out "runs/$model$tag-$DATA-$method-sequential-$T" --resume "${extra[@]}"
   done
