@@ -324,6 +324,26 @@ def test_resume_refuses_other_settings(model, tmp_path, caplog):
     assert "another placement" in caplog.text and "new hparams.steps" in caplog.text
 
 
+def test_an_extended_run_reports_in_progress_until_it_ends(model, tmp_path):
+    """Resuming a finished run with a larger ``n`` drops its summary (it described the shorter run) and records
+    the new ``n``; a kill before the end leaves a run ``lmedit report`` shows as in progress at that ``n``."""
+    reqs = _requests(model, 4)
+    out = tmp_path / "run"
+    evaluate(model, FTM(**STRONG), reqs[:2], protocol="sequential", checkpoints=[1], out_dir=out, progress=False)
+    assert load_report(out).summary["overall"]["cases"] == 2 and (out / "summary.json").exists()
+    Dies = dies_on_third_call()
+    Dies.calls = 2  # its next call, the run's third edit, is killed
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, Dies(**STRONG), reqs, protocol="sequential", checkpoints=[1], out_dir=out, resume=True,
+                 progress=False)
+    assert not (out / "summary.json").exists()
+    extended = load_report(out)
+    assert extended.config["in_progress"] and extended.config["n"] == 4
+    report = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1], out_dir=out, resume=True,
+                      progress=False)
+    assert report.config["n"] == 4 and load_report(out).summary == json.loads(json.dumps(report.summary))
+
+
 def test_a_shuffled_sequential_run_edits_the_same_cases_in_the_seeds_order(model, tmp_path):
     """``shuffle`` keeps the first n cases and draws their order from the seed: T = 1 is the first case of that
     order, the last mark holds them all, and the order is part of the run's settings on resume."""

@@ -251,7 +251,8 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
 
     A run is one table row: continuing it with another learning rate, model or dataset file would mix two
     experiments under one name. ``n`` may grow (extending a run; not a shuffled one, whose order depends on
-    it); the device, dtype and library versions may change with a warning (``runs/README.md`` records such
+    it; ``run.json`` then records the new ``n`` and the shorter run's summary is removed, so ``lmedit report``
+    shows the run as in progress until it ends); the device, dtype and library versions may change with a warning (``runs/README.md`` records such
     mixed runs), and so may a hyper-parameter the method gained after the run started (pin it with
     ``--hparam`` to keep the earlier behaviour).
     """
@@ -283,6 +284,12 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
         moved += [f"new hparams.{k} = {hp_new[k]!r}" for k in sorted(set(hp_new) - set(hp_old))]
         if moved:
             log.warning("%s: resuming on another placement or version (%s)", out, "; ".join(moved))
+        if get(config, "n") != get(earlier, "n"):  # extended: the run is under way again, to the new n
+            earlier["n"] = config["n"]
+            earlier.setdefault("dataset", {})["n"] = get(config, "dataset.n")
+            path.write_text(json.dumps(earlier, indent=2, default=str))
+            for finished in ("summary.json", "summary.md"):  # the shorter run's; written again at the end
+                (out / finished).unlink(missing_ok=True)
         return
     path.write_text(json.dumps(config, indent=2, default=str))
 
