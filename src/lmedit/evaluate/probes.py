@@ -30,6 +30,7 @@ from lmedit.continuations import generate, score_prompts
 from lmedit.scoring import encode
 
 KINDS = ("rewrite", "rephrase", "locality", "portability")
+BATCH_SIZE = 64  # prompts per scoring batch
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def probe_items(requests: Sequence[EditRequest]) -> list[ProbeItem]:
 
 
 def score_items(model: Any, items: Sequence[ProbeItem], *, generation: bool = True, probability: bool = True,
-                batch_size: int = 64, max_new_tokens: int = 24) -> list[ItemScore]:
+                batch_size: int = BATCH_SIZE, max_new_tokens: int = 24) -> list[ItemScore]:
     """Teacher-forced scores of each item's answer (and competing answer) and its greedy continuation.
 
     One ``score_prompts`` call: each prompt runs once, whatever is scored or generated after it.
@@ -93,9 +94,9 @@ def score_items(model: Any, items: Sequence[ProbeItem], *, generation: bool = Tr
 
 def locality_batch_size(model: Any) -> int:
     """Locality items per scoring batch: 1 on a half-precision (bfloat16/float16) model, where batching
-    changes a prompt's greedy continuation by rounding alone (module docstring), else 64 (in float32 the
-    batch-dependent differences are ~1e-7 relative and did not flip a token in any run here)."""
-    return 1 if model.dtype in (torch.bfloat16, torch.float16) else 64
+    changes a prompt's greedy continuation by rounding alone (module docstring), else ``BATCH_SIZE`` (in
+    float32 the batch-dependent differences are ~1e-7 relative and did not flip a token in any run here)."""
+    return 1 if model.dtype in (torch.bfloat16, torch.float16) else BATCH_SIZE
 
 
 def score_probes(model: Any, items: Sequence[ProbeItem], *, generation: bool = True) -> list[ItemScore]:
@@ -104,7 +105,7 @@ def score_probes(model: Any, items: Sequence[ProbeItem], *, generation: bool = T
     out: list[ItemScore | None] = [None] * len(items)
     local = [i for i, it in enumerate(items) if it.kind == "locality"]
     others = [i for i, it in enumerate(items) if it.kind != "locality"]
-    for idx, batch_size in ((others, 64), (local, locality_batch_size(model))):
+    for idx, batch_size in ((others, BATCH_SIZE), (local, locality_batch_size(model))):
         if idx:
             scores = score_items(model, [items[i] for i in idx], generation=generation, batch_size=batch_size)
             for i, score in zip(idx, scores):
