@@ -326,7 +326,8 @@ def test_resume_refuses_other_settings(model, tmp_path, caplog):
 
 def test_an_extended_run_reports_in_progress_until_it_ends(model, tmp_path):
     """Resuming a finished run with a larger ``n`` drops its summary (it described the shorter run) and records
-    the new ``n``; a kill before the end leaves a run ``lmedit report`` shows as in progress at that ``n``."""
+    the new ``n``; a kill before the end leaves a run ``lmedit report`` shows as in progress at that ``n``, which
+    a later resume may not shrink."""
     reqs = _requests(model, 4)
     out = tmp_path / "run"
     evaluate(model, FTM(**STRONG), reqs[:2], protocol="sequential", checkpoints=[1], out_dir=out, progress=False)
@@ -339,6 +340,9 @@ def test_an_extended_run_reports_in_progress_until_it_ends(model, tmp_path):
     assert not (out / "summary.json").exists()
     extended = load_report(out)
     assert extended.config["in_progress"] and extended.config["n"] == 4
+    with pytest.raises(EvalError, match="n may grow, not shrink: 4 -> 3"):  # its edit state holds a third edit
+        evaluate(model, FTM(**STRONG), reqs[:3], protocol="sequential", checkpoints=[1], out_dir=out, resume=True,
+                 progress=False)
     report = evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1], out_dir=out, resume=True,
                       progress=False)
     assert report.config["n"] == 4 and load_report(out).summary == json.loads(json.dumps(report.summary))

@@ -251,7 +251,7 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
 
     A run is one table row: continuing it with another learning rate, model or dataset file would mix two
     experiments under one name. ``n`` may grow (extending a run; not a shuffled one, whose order depends on
-    it; ``run.json`` then records the new ``n`` and the shorter run's summary is removed, so ``lmedit report``
+    it; never shrink, as the records and the sequential edit state may reach past the smaller ``n``; ``run.json`` then records the new ``n`` and the shorter run's summary is removed, so ``lmedit report``
     shows the run as in progress until it ends); the device, dtype and library versions may change with a
     warning (``runs/README.md`` records such mixed runs), and so may a hyper-parameter the method gained after
     the run started (pin it with ``--hparam`` to keep the earlier behaviour).
@@ -272,6 +272,8 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
                    if text(get(earlier, k)) != text(get(config, k))]
         if get(config, "order") == "shuffled" and get(earlier, "n") != get(config, "n"):  # another n, another order
             changed.append(f"n of a shuffled run: {get(earlier, 'n')!r} -> {get(config, 'n')!r}")
+        elif (get(config, "n") or 0) < (get(earlier, "n") or 0):  # its records and edit state reach past the new n
+            changed.append(f"n may grow, not shrink: {get(earlier, 'n')!r} -> {get(config, 'n')!r}")
         hp_old, hp_new = earlier.get("hparams", {}), config.get("hparams", {})
         changed += [f"hparams.{k}: {hp_old[k]!r} -> {hp_new[k]!r}" for k in sorted(set(hp_old) & set(hp_new))
                     if text(hp_old[k]) != text(hp_new[k])]
