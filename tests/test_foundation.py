@@ -768,6 +768,30 @@ def test_target_logprobs_unembeds_only_the_positions_that_predict_a_target(arch)
     assert torch.allclose(grad, full_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_equal_the_full_log_softmax_in_value_and_gradient(dtype, monkeypatch):
+    """The chunked, fused target log-probabilities: chunks of 2 rows over 5 (the last one short), the values
+    and the gradient of ``log_softmax(z.float()).gather(y)``, the gradient in the logits' dtype."""
+    from lmedit import scoring
+
+    monkeypatch.setitem(scoring._LOGPROB_CHUNK, "cpu", 2 * 1000)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 1000, generator=gen) * 4).to(dtype)
+    targets = torch.tensor([0, 999, 17, 17, 500])
+    weights = torch.randn(5, generator=gen)
+    ours = logits.clone().requires_grad_()
+    reference = logits.clone().requires_grad_()
+    value = scoring.token_logprobs(ours, targets)
+    expected = torch.log_softmax(reference.float(), -1).gather(-1, targets[:, None])[:, 0]
+    (value * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert value.dtype == torch.float32 and torch.allclose(value, expected, atol=1e-5)
+    assert ours.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # one bfloat16 rounding of the same float32 gradient
+    assert torch.allclose(ours.grad.float(), reference.grad.float(), rtol=tolerance, atol=1e-6)
+    assert scoring.token_logprobs(logits[:0], targets[:0]).shape == (0,)
+
+
 def _eos(model) -> set[int]:
     eos = model.module.generation_config.eos_token_id
     return {i for i in ((eos if isinstance(eos, list) else [eos]) + [model.tokenizer.eos_token_id]) if i is not None}

@@ -30,7 +30,7 @@ from lmedit.methods.base import HParams
 from lmedit.methods.value_cache import ValueStore
 from lmedit.models.spec import get_module
 from lmedit.requests import EditRequest
-from lmedit.scoring import Batch, FixedPrefix, encode, tokenize
+from lmedit.scoring import Batch, FixedPrefix, encode, token_logprobs, tokenize
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 READ_GROUP = 32  # requests per forward pass when reading keys and states
@@ -353,13 +353,13 @@ def _optimize_group(model: Any, layer: int, requests: Sequence[EditRequest], tem
         for i, site in enumerate(sites):
             hooks.replace(spec.path(layer, site), "output", injector(i))
         for step in range(cfg.steps + 1):
-            logp = torch.log_softmax(runner.logits_where(reads).float(), dim=-1)  # [read positions, V]
-            token_lp = torch.zeros(tmask.shape, dtype=logp.dtype, device=logp.device).index_put(
-                (tmask,), logp[predicting, labels])
+            logits = runner.logits_where(reads)  # [read positions, V]
+            token_lp = torch.zeros(tmask.shape, dtype=torch.float32, device=logits.device).index_put(
+                (tmask,), token_logprobs(logits[predicting], labels))
             mean_lp = token_lp.sum(1) / tmask.sum(1).clamp(min=1)  # per row
             nll = -_sum_by_owner(weights * mean_lp[target_rows, None], prompted.owner[target_rows], n_req)[:, 0]
             prob = _sum_by_owner(weights * mean_lp[target_rows, None].exp(), prompted.owner[target_rows], n_req)[:, 0]
-            kl_logp = logp[~predicts]  # one per KL row, in row order
+            kl_logp = torch.log_softmax(logits[~predicts].float(), dim=-1)  # one per KL row, in row order
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(P₀ ‖ P_δ), one per request
