@@ -206,7 +206,7 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters()), "a killed run restores the model"
     stopped = load_report(out)  # a stopped run is reported from its settings and the marks scored so far
     assert stopped.config["in_progress"] and sorted(int(t) for t in stopped.summary["by_T"]) == [1, 2]
-    assert "[in progress] T=2 | 2 |" in markdown_table([stopped])
+    assert "[in progress: 2/4] T=2 | 2 |" in markdown_table([stopped])  # 2 of its 4 edits checkpointed
     with pytest.raises(EvalError, match="resume"):
         evaluate(model, FTM(**STRONG), reqs, protocol="sequential", checkpoints=[1, 2], out_dir=out, progress=False)
     with open(out / "edits.jsonl", "a") as f:  # a call made after the last checkpoint, and one cut short by the kill
@@ -225,7 +225,7 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model.module.named_parameters())
     unedited = evaluate(model, None, reqs, out_dir=tmp_path / "none", progress=False)
     assert plot_comparison([load_report(out), stopped, unedited], tmp_path / "cmp.png").stat().st_size > 1000
-    assert curve_label(stopped.config) == "ft-m [in progress]"
+    assert curve_label(stopped.config) == "ft-m [in progress: 2/4]"
     with pytest.raises(EvalError, match="lifelong"):
         plot_comparison([unedited], tmp_path / "none.png")
 
@@ -339,7 +339,7 @@ def test_an_extended_run_reports_in_progress_until_it_ends(model, tmp_path):
                  progress=False)
     assert not (out / "summary.json").exists()
     extended = load_report(out)
-    assert extended.config["in_progress"] and extended.config["n"] == 4
+    assert extended.config["in_progress"] and extended.config["n"] == 4 and extended.config["cases_done"] == 2
     with pytest.raises(EvalError, match="n may grow, not shrink: 4 -> 3"):  # its edit state holds a third edit
         evaluate(model, FTM(**STRONG), reqs[:3], protocol="sequential", checkpoints=[1], out_dir=out, resume=True,
                  progress=False)

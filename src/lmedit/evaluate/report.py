@@ -23,7 +23,7 @@ def load_report(directory: str | Path) -> Any:
 
     A run still under way (or stopped, to be resumed) has no ``summary.json`` yet: its settings
     (``run.json``) and the cases scored so far (``cases.jsonl``) are summarised instead, and its
-    configuration says ``"in_progress": true``.
+    configuration says ``"in_progress": true`` and ``"cases_done"``, how many of its ``n`` cases are done.
     """
     from lmedit.evaluate.runner import Report, read_cases, summarize
 
@@ -36,8 +36,28 @@ def load_report(directory: str | Path) -> Any:
     if not (settings.is_file() and cases.is_file()):
         raise EvalError(f"{directory} is not an evaluation run (no summary.json, nor run.json and cases.jsonl)")
     config = {**json.loads(settings.read_text()), "in_progress": True}
+    records = read_cases(directory)
+    config["cases_done"] = _cases_done(directory, config, records)
     lifelong = config.get("protocol") == "sequential" and config.get("scoring") == "after_all"
-    return Report(config, [], summarize(read_cases(directory), by_t=lifelong), directory)
+    return Report(config, [], summarize(records, by_t=lifelong), directory)
+
+
+def _cases_done(directory: Path, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> int:
+    """How many of a run's cases are done: for a sequential run, the cases its checkpointed edit state holds
+    (edit calls × batch size; scoring only reaches them at the marks), else the distinct cases scored."""
+    state = directory / "state" / "progress.json"
+    if config.get("protocol") == "sequential" and state.is_file():
+        calls = int(json.loads(state.read_text()).get("chunks_done", 0))
+        return min(int(config.get("n") or 0), calls * int(config.get("batch_size") or 1))
+    return len({str(r.get("case_id")) for r in records})
+
+
+def _in_progress(config: dict[str, Any]) -> str:
+    """`` [in progress: 510/1000]`` for a run under way or stopped, empty for a finished one."""
+    if not config.get("in_progress"):
+        return ""
+    done = config.get("cases_done")
+    return f" [in progress: {done}/{config.get('n')}]" if done is not None else " [in progress]"
 
 
 def _placement(config: dict[str, Any]) -> str:
@@ -51,9 +71,8 @@ def _placement(config: dict[str, Any]) -> str:
 
 def _rows(report: Any) -> list[tuple[str, dict[str, Any]]]:
     c = report.config
-    label = f"{c['method']} ({c['protocol']}" + (f", {c['scoring']}" if c.get("scoring") else "") + ")" + _placement(c)
-    if c.get("in_progress"):
-        label += " [in progress]"
+    label = (f"{c['method']} ({c['protocol']}" + (f", {c['scoring']}" if c.get("scoring") else "") + ")"
+             + _placement(c) + _in_progress(c))
     if "by_T" in report.summary:  # lifelong rows; the mean edit time (over all T edits) on the last one
         rows = [(f"{label} T={t}", dict(m)) for t, m in report.summary["by_T"].items()]
         if rows and c.get("edit_seconds_mean") is not None and "edit_seconds" not in rows[-1][1]:
@@ -208,7 +227,7 @@ def curve_label(config: dict[str, Any]) -> str:
         label += f"-{mode}"
     if (config.get("batch_size") or 1) > 1:
         label += f" (batches of {config['batch_size']})"
-    return label + _placement(config) + (" [in progress]" if config.get("in_progress") else "")
+    return label + _placement(config) + _in_progress(config)
 
 
 def plot_comparison(reports: Sequence[Any], path: str | Path,
