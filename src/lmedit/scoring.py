@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lmedit.errors import RequestError
 from lmedit.hooks import Hooks
@@ -251,6 +252,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the recomputation's graph; none of the methods asks
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         logits, targets = ctx.saved_tensors
         result = torch.empty_like(logits)
