@@ -45,9 +45,11 @@ def load_report(directory: str | Path) -> Any:
 def _cases_done(directory: Path, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> int:
     """How many of a run's cases are done: for a sequential run, the cases its checkpointed edit state holds
     (edit calls × batch size; scoring only reaches them at the marks), else the distinct cases scored."""
-    state = directory / "state" / "progress.json"
-    if config.get("protocol") == "sequential" and state.is_file():
-        calls = int(json.loads(state.read_text()).get("chunks_done", 0))
+    from lmedit.evaluate.sequential import read_progress
+
+    progress = read_progress(directory / "state") if config.get("protocol") == "sequential" else None
+    if progress is not None:
+        calls = int(progress.get("chunks_done", 0))
         return min(int(config.get("n") or 0), calls * int(config.get("batch_size") or 1))
     return len({str(r.get("case_id")) for r in records})
 

@@ -58,8 +58,8 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
     keys_before = list(model.cache.get("edited_keys", []))  # restored at the end, like the weights
     adaptors_before = snapshot_adaptors(model)
     done_chunks = 0
-    if state_dir is not None and (state_dir / "progress.json").exists():
-        progress = json.loads((state_dir / "progress.json").read_text())
+    progress = read_progress(state_dir) if state_dir is not None else None
+    if state_dir is not None and progress is not None:
         if not (state_dir / "patch").exists() and (state_dir / "patch.old").exists():
             (state_dir / "patch.old").rename(state_dir / "patch")  # killed mid-swap: the previous checkpoint
         saved = Patch.load(state_dir / "patch")
@@ -105,6 +105,12 @@ def run_sequential(run: "_Run", editor: Any, ids: list[str], baseline: Any, batc
         model.cache["edited_keys"] = keys_before
         restore_adaptors(model, adaptors_before)
     return edit_seconds
+
+
+def read_progress(state_dir: Path) -> dict[str, Any] | None:
+    """A run's checkpoint record (``chunks_done``: edit calls its state holds; ``failed``), if it has one."""
+    path = state_dir / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 EDIT_LOG = "edits.jsonl"

@@ -47,9 +47,8 @@ loss at NLL ≤ 0.08 with the margins met) ``rehearse=4`` ends at token accuracy
 ``rehearse=8`` at 0.95 / 0.68 and ``rehearse=9`` (every earlier edit) at 0.98 / 0.71 (lr 0.25 leaves the margins
 unmet on Gemma's small keys: loss 3–13 after 70 steps); pass ``rehearse=8`` there. Choosing the four earlier
 edits whose prompts' mean keys are nearest the new one's (cosine), instead of a random four, does not do it: 0.79
-/ 0.61 — with keys this alike, every earlier edit is moved, not only the nearest. Fewer edits per ``τ`` do: after
-60 edits (bf16) shards of 25 score Rel. / Gen. 0.90 / 0.74 against 0.78 / 0.67 for the default one shard of 73,
-whose prompts all still route to it (overwritten values, not routing); pass ``shard_size=25`` there too.
+/ 0.61 — with keys this alike, every earlier edit is moved. Fewer edits per ``τ`` do: after 60 edits (bf16) shards
+of 25 score 0.90 / 0.74 against 0.78 / 0.67 in one of 73 (overwritten, not misrouted); pass ``shard_size=25`` too.
 
 **Mask ratio on small models.** ρ = 0.2 gives a Llama-2-7B shard 9M trainable entries; on SmolLM2's
 576×1536 ``W_out`` it gives 177k, and a shard runs out of room long before its 500 edits: with
