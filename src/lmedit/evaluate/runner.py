@@ -252,10 +252,9 @@ def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
     A run is one table row: continuing it with another learning rate, model or dataset file would mix two
     experiments under one name. ``n`` may grow (extending a run; not a shuffled one, whose order depends on
     it; ``run.json`` then records the new ``n`` and the shorter run's summary is removed, so ``lmedit report``
-    shows the run as in progress until it ends) but never shrink (the records and the sequential edit state
-    may reach past the smaller ``n``); the device, dtype and library versions may change with a warning
-    (``runs/README.md`` records such mixed runs), and so may a hyper-parameter the method gained after the
-    run started (pin it with ``--hparam`` to keep the earlier behaviour).
+    shows the run as in progress until it ends) but never shrink (records and edit state may reach past it);
+    the device, dtype and library versions may change with a warning (``runs/README.md`` records such mixed
+    runs), and so may a hyper-parameter the method gained after the run started (pin it with ``--hparam``).
     """
     path = out / "run.json"
     if resume and path.exists():
