@@ -2,6 +2,7 @@
 
     python benchmarks/memory_latency.py [--model smollm2-135m] [--T 1000 10000] [--queries 40]
     python benchmarks/memory_latency.py --state runs/<sequential run>/state    # a real edited state
+    python benchmarks/memory_latency.py --model gemma3-270m --dtype bfloat16 --state runs/<bf16 run>/state
 
 A query is one ZsRE prompt answered with ``generate`` (prefill + 10 greedy tokens, batch 1): what a user
 of an edited model waits for. Each configuration's median seconds per query is compared with the
@@ -111,6 +112,7 @@ def time_query(model: Any, prompt: str, tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", help="load the model in this dtype (a --state saved from a bfloat16 run)")
     parser.add_argument("--T", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=10)
@@ -120,7 +122,7 @@ def main() -> None:
                         default=["grace", "wise", "ike", "defer"], help="the memory editors to time")
     args = parser.parse_args()
 
-    model = lmedit.load_model(args.model)
+    model = lmedit.load_model(args.model, dtype=args.dtype)
     cases = load_dataset("zsre", n=max(args.queries, 200))
     prompts = [r.prompt for r in cases.requests[: args.queries]]
     facts = ["".join(join(r.prompt, r.target_new)).strip() + "." for r in cases.requests]
