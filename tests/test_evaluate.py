@@ -13,7 +13,7 @@ from lmedit.evaluate import EvalError, evaluate, load_report, markdown_table, pl
 from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normalize, perplexity, prob_success,
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, locality_baseline, probe_items, score_items
-from lmedit.evaluate.report import curve_label
+from lmedit.evaluate.report import curve_label, curve_styles
 from lmedit.evaluate.runner import read_cases
 from lmedit.methods.finetune import FTM
 from lmedit.continuations import generate
@@ -228,6 +228,13 @@ def test_sequential_after_all_curves_and_resume(model, tmp_path):
     assert curve_label(stopped.config) == "ft-m [in progress: 2/4]"
     with pytest.raises(EvalError, match="lifelong"):
         plot_comparison([unedited], tmp_path / "none.png")
+
+
+def test_compared_runs_never_share_a_line_style():
+    """Past matplotlib's ten colours a comparison's runs still look different (colour, marker, dashes)."""
+    styles = curve_styles(25)
+    assert len({tuple(sorted(s.items())) for s in styles}) == 25
+    assert styles[0]["color"] == styles[10]["color"] and styles[0]["marker"] != styles[10]["marker"]
 
 
 def test_a_resumed_sequential_run_scores_as_an_uninterrupted_one(model, tmp_path):

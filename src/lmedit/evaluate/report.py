@@ -232,6 +232,18 @@ def curve_label(config: dict[str, Any]) -> str:
     return label + _placement(config) + _in_progress(config)
 
 
+_MARKERS = ("o", "s", "^", "D", "v")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def curve_styles(n: int) -> list[dict[str, str]]:
+    """``n`` distinct line styles: the ten ``tab10`` colours, then the same colours with another marker and
+    dash pattern, so that no two runs of a comparison share a look (the default colour cycle repeats after ten)."""
+    colours = [f"C{i}" for i in range(10)]
+    return [{"color": colours[i % 10], "marker": _MARKERS[(i // 10) % len(_MARKERS)],
+             "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]} for i in range(n)]
+
+
 def plot_comparison(reports: Sequence[Any], path: str | Path,
                     metrics: Sequence[str] = ("rewrite_tf", "rephrase_tf", "locality_tf")) -> Path:
     """PNG comparing lifelong runs: a panel per metric (reliability, generalisation, locality by default)
@@ -245,11 +257,12 @@ def plot_comparison(reports: Sequence[Any], path: str | Path,
     plt = _figure()
     headers = dict(COLUMNS)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0), sharey=True, squeeze=False)
+    styles = curve_styles(len(runs))
     for ax, key in zip(axes[0], metrics):
-        for r in runs:
+        for r, style in zip(runs, styles):
             marks = [(t, m[key]) for t, m in _by_t(r) if m.get(key) is not None]
             if marks:
-                ax.plot([t for t, _ in marks], [v for _, v in marks], marker="o", label=curve_label(r.config))
+                ax.plot([t for t, _ in marks], [v for _, v in marks], label=curve_label(r.config), **style)
         for r in unedited[:1]:  # the unedited model's score, for reference
             if r.summary["overall"].get(key) is not None:
                 ax.axhline(r.summary["overall"][key], color="gray", linestyle="--", linewidth=1, label="unedited")
