@@ -572,6 +572,29 @@ def test_wise_rehearses_earlier_edits_of_the_open_shard(tmp_path):
     assert saved.targets == [first.target_new, "Q"]
 
 
+def test_wise_act_ratio_only_gates_inference():
+    """Training never reads ``act_ratio`` (so ``benchmarks/wise_threshold.py`` may re-score a run's state
+    under another ratio): two sequential edits write the same memory whatever the ratio; only the
+    threshold differs, and a ratio above 1 keeps even the edit's own prompt out."""
+    second = lmedit.EditRequest("The taste of {} is ", "lemons", "Q")
+    hp = {**TINY_WISE, "steps": 5, "shard_size": 10}
+
+    def two_edits(ratio):
+        model = tiny("llama", seed=5)
+        for request in (EDIT, second):
+            lmedit.edit(model, request, method="wise", act_ratio=ratio, **hp).apply(model)
+        return model, _side(model).memories[0]
+
+    low_model, low = two_edits(0.88)
+    high_model, high = two_edits(3.0)
+    assert torch.equal(low.delta, high.delta) and low.min_act == high.min_act
+    assert high.threshold == pytest.approx(3.0 / 0.88 * low.threshold)
+    _logits(low_model, EDIT.prompt)
+    assert _side(low_model)._route.tolist() == [0]
+    _logits(high_model, EDIT.prompt)
+    assert _side(high_model)._route.tolist() == [-1]
+
+
 def test_wise_mask_ratio_keeps_the_papers_trainable_entries_per_shard():
     """ρ defaults to the paper's 0.2 at Llama-2-7B's ``W_out`` size and grows to 1 on small models."""
     from lmedit.methods.wise import default_mask_ratio
