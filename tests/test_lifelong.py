@@ -265,6 +265,7 @@ def test_ike_prompts_carry_the_nearest_facts_and_revert(tmp_path):
 
 # ---------------------------------------------------------------------------- WISE
 
+from lmedit.errors import PatchError  # noqa: E402
 from lmedit.hooks import read_module  # noqa: E402
 from lmedit.methods.side_memory import (Memory, SideMemory, SideMemoryEdit, mean_keys,  # noqa: E402
                                         routing_activation, ties_merge, token_weights)
@@ -365,6 +366,40 @@ def test_side_memory_with_anchors_answers_from_the_memory_holding_the_nearest_pr
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], mixed)], {}).applied(model):
         _logits(model, prompt)
         assert _side(model)._route.tolist() == [1]  # activation: b's Δ_act / ε is 8 against a's 2
+
+
+def test_side_memory_whitened_keys_find_the_memory_a_plain_cosine_misses():
+    """Anchors sharing a common direction and varying most along directions unrelated to which edit they
+    are (as real prompts' mean keys do): the plain cosine follows that variation, the whitened one the
+    directions that tell the memories apart. Queries are new draws of each memory's prompts."""
+    g = torch.Generator().manual_seed(0)
+    d, per_memory, n_memories = 64, 20, 4
+    common = 4.0 * torch.randn(d, generator=g)
+    nuisance = torch.zeros(d, d)
+    nuisance[:8, :8] = 3.0 * torch.eye(8)  # wording: large variance, shared by all memories
+    signature = 0.6 * torch.randn(n_memories, d, generator=g)
+    signature[:, :8] = 0  # what tells the memories apart lives elsewhere
+
+    def draw(j: int, n: int) -> torch.Tensor:
+        x = common + torch.randn(n, d, generator=g) @ nuisance + signature[j] + 0.1 * torch.randn(n, d, generator=g)
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    memories = [Memory(str(j), j, torch.zeros(2, d), None, per_memory, 1.0, 1.0, anchors=draw(j, per_memory))
+                for j in range(n_memories)]
+    queries = torch.cat([draw(j, 25) for j in range(n_memories)])
+    truth = torch.arange(n_memories).repeat_interleave(25)
+    side = SideMemory("x")
+    side.memories = memories
+    hits = {}
+    for metric in ("cosine", "whitened"):
+        side.key_metric = metric
+        hits[metric] = int((side._nearest_memory(queries) == truth).sum())
+    assert hits["whitened"] >= 95 > 80 > hits["cosine"]
+    stored = torch.cat([m.anchors for m in memories])  # an anchor is still nearest to itself
+    assert side._nearest_memory(stored).tolist() == torch.arange(n_memories).repeat_interleave(per_memory).tolist()
+    side.key_metric = "mahalanobis"
+    with pytest.raises(PatchError, match="key_metric"):
+        side._nearest_memory(queries)
 
 
 def test_ties_merge_trims_elects_and_averages():

@@ -87,9 +87,11 @@ time: later edits and merges move every activation (see there for the figures). 
 **Retrieval (lmedit's change).** With several memories, ``retrieve_by="key"`` (default) lets WISE's gate
 decide *whether* the side memory answers and the nearest stored prompt key decide *which* memory does
 (``side_memory``'s docstring has the rule and the figures: on SmolLM2, 280 sequential ZsRE edits in 6
-memories, rephrasings answered by their own memory 225 → 270 of 280); ``"activation"`` is the paper's choice
-by activation (relative to each memory's threshold). Memories written without anchors get them at the
-next edit with ``"key"``.
+memories, rephrasings answered by their own memory 225 → 270 of 280; keys compared after whitening by the
+anchors' statistics since session 51, ``SideMemory.key_metric``: on Gemma-3 810 → 948 of 1,000); ``"activation"``
+is the paper's choice by activation (relative to each memory's threshold). Memories written without anchors get
+them at the next edit with ``"key"``. The gate's threshold ``act_ratio`` and the choice among memories act only
+at inference (training never routes), so ``benchmarks/wise_threshold.py`` re-scores a run's state under others.
 """
 from __future__ import annotations
 
@@ -137,7 +139,8 @@ class WISEHParams(HParams):
             default 2 in retrieve mode with sparse shards, the paper's; 0 in merge mode, where all shards
             end in one memory anyway, and with dense shards, where it makes the new shard fire on everything).
         retrieve_by: how a memory is chosen once WISE's gate lets an input into the side memory:
-            ``"key"`` (the memory holding the edit prompt nearest the input by mean key; lmedit's) or
+            ``"key"`` (the memory holding the edit prompt nearest the input by mean key, compared whitened by
+            default — ``SideMemory.key_metric``; lmedit's) or
             ``"activation"`` (the largest Δ_act relative to the memory's threshold; the paper takes the
             largest raw Δ_act).
         rehearse: earlier edits of the open shard trained again (bare prompt and target) per new edit, so
