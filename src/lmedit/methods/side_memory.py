@@ -168,14 +168,13 @@ def prompt_keys(model: Any, path: str, prompts: Sequence[str], batch_size: int =
 class SideMemory(Adaptor):
     """WISE's side memories on one ``W_out`` module (see the module docstring)."""
 
-    transient = ("_handle", "_root_handle", "_attention", "_route", "_on_device", "_whitened", "last_activations")
+    transient = ("_handle", "_root_handle", "_attention", "_route", "_on_device", "last_activations")
     key_metric: str = "whitened"  # how the nearest anchor is found: "whitened" or "cosine" (module docstring)
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.memories: list[Memory] = []
         self.enabled = True
-        self._whitened: tuple[Any, ...] | None = None  # (memory versions, device, μ, L, whitened anchors, owner)
         self._root_handle: Any = None
         self._attention: torch.Tensor | None = None
         self._route: torch.Tensor | None = None
@@ -245,14 +244,16 @@ class SideMemory(Adaptor):
             return score.argmax(0)
         if self.key_metric != "whitened":
             raise PatchError(f"unknown key_metric {self.key_metric!r}; accepted: 'whitened', 'cosine'")
-        versions = tuple((m.id, m.version) for m in self.memories)
-        if self._whitened is None or self._whitened[:2] != (versions, str(query.device)):
+        # keyed by the memories' ids and versions, not kept on the adaptor: a patch applied and reverted per
+        # request (the HTTP service, benchmarks/memory_latency.py) attaches a new adaptor each time
+        key = (tuple((m.id, m.version) for m in self.memories), str(query.device))
+        if key not in _WHITENED:
             anchors = [m.anchors for m in self.memories]  # type: ignore[misc]
-            owner = torch.cat([torch.full((len(a),), j) for j, a in enumerate(anchors)]).to(query.device)
-            mu, chol, white = whitening(torch.cat(anchors))
-            self._whitened = (versions, str(query.device), mu.to(query.device), chol.to(query.device),
-                              white.to(query.device), owner)
-        _, _, mu, chol, white, owner = self._whitened
+            owner = torch.cat([torch.full((len(a),), j) for j, a in enumerate(anchors)])
+            if len(_WHITENED) >= 4:
+                _WHITENED.pop(next(iter(_WHITENED)))
+            _WHITENED[key] = tuple(t.to(query.device) for t in (*whitening(torch.cat(anchors)), owner))
+        mu, chol, white, owner = _WHITENED[key]
         return owner[(white @ whiten(query.float(), mu, chol).T).argmax(0)]
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
@@ -285,6 +286,10 @@ class SideMemory(Adaptor):
         kept = [m for m in self.memories if m.id not in gone]
         self.memories = sorted(kept + [copy_memory(m) for m in add], key=lambda m: m.serial)
         self._route = None
+
+
+_WHITENED: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+"""``whitening`` of the last few sets of memories, by (memory ids and versions, device): (μ, L, ŵ(anchors), owner)."""
 
 
 def whitening(anchors: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
