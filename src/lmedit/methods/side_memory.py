@@ -37,11 +37,13 @@ by the anchors' own statistics: with μ and C the mean and covariance of all anc
 ``L Lᵀ = C + λ I`` (λ = 0.1 × C's mean eigenvalue, a ridge: there are fewer anchors than dimensions),
 an anchor or a query ``k`` becomes ``ŵ(k) = L⁻¹ (k − μ) / ‖L⁻¹ (k − μ)‖`` and the memory holding the
 anchor with the largest ``ŵ(ā_j) · ŵ(ā(x))`` answers (nearest by Mahalanobis direction). Only the choice
-among memories changes; the gate does not. Re-scored on the final states (``benchmarks/wise_threshold.py
---key-metric``), rephrasings answered by their own memory: Gemma-3, 1,000 ZsRE edits in 40 memories,
-810 → 948 of 1,000; SmolLM2, 160 shuffled ZsRE edits in 4 memories, 149 → 154 of 160; 75 temporal
-passages in 2 memories, 50 → 59 of 75 (λ from 0.03 to 0.3 × the mean eigenvalue gives 944–950 on
-Gemma-3). ``key_metric="cosine"`` keeps the plain cosine.
+among memories changes; the gate does not. On the runs' final states, bare first rephrasings routed as
+inference routes them (``benchmarks/wise_threshold.py --key-metric whitened``; 0.88 × min_act): Gemma-3,
+1,000 ZsRE edits in 40 memories, 947 of 1,000 to the memory holding their edit (810 with the cosine);
+SmolLM2, 160 shuffled ZsRE edits in 4 memories, 152 of 160; 75 temporal passages in 2 memories, 59 of 75.
+By the nearest stored key alone, gate aside (a one-off script, session 51): 810 → 948, 149 → 154, 50 → 59,
+and λ from 0.03 to 1.0 × the mean eigenvalue gives 944–950 on Gemma-3 (0.01: 941).
+``key_metric="cosine"`` keeps the plain cosine.
 
 ``measured_routing`` sets a memory's ``min_act`` (and anchors) from its edits' prompts as inference routes them.
 ``SideMemoryEdit`` is the patch component: the memories an edit replaced and the ones it wrote
@@ -302,7 +304,7 @@ def whitening(anchors: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, 
     cov = centred.T @ centred / max(1, len(a) - 1)
     lam = max(ridge * float(cov.diagonal().mean()), 1e-12)
     chol = torch.linalg.cholesky(cov + lam * torch.eye(len(mu), dtype=cov.dtype))
-    return mu.float(), chol.float(), whiten(anchors.float(), mu.float(), chol.float())
+    return mu.float(), chol.float(), whiten(a, mu, chol).float()
 
 
 def whiten(keys: torch.Tensor, mu: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ time: later edits and merges move every activation (see there for the figures). 
 decide *whether* the side memory answers and the nearest stored prompt key decide *which* memory does
 (``side_memory``'s docstring has the rule and the figures: on SmolLM2, 280 sequential ZsRE edits in 6
 memories, rephrasings answered by their own memory 225 → 270 of 280; keys compared after whitening by the
-anchors' statistics since session 51, ``SideMemory.key_metric``: on Gemma-3 810 → 948 of 1,000); ``"activation"``
+anchors' statistics since session 51, ``SideMemory.key_metric``: on Gemma-3 810 → 947 of 1,000); ``"activation"``
 is the paper's choice by activation (relative to each memory's threshold). Memories written without anchors get
 them at the next edit with ``"key"``. The gate's threshold ``act_ratio`` and the choice among memories act only
 at inference (training never routes), so ``benchmarks/wise_threshold.py`` re-scores a run's state under others.
