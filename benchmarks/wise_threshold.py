@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from lmedit import Patch, load_model
 from lmedit.adaptors import adaptors
 from lmedit.evaluate.probes import case_records, locality_baseline, probe_items, score_probes
-from lmedit.evaluate.runner import _requests, summarize
+from lmedit.evaluate.runner import run_requests, summarize
 from lmedit.methods.side_memory import SideMemory
 from lmedit.models.bundled import cache_dir
 from lmedit.scoring import encode
@@ -52,10 +51,7 @@ def main() -> None:
     edited = progress["chunks_done"] * config["batch_size"]
     dtype = config["model"]["dtype"].removeprefix("torch.")
     model = load_model(config["model"]["name"], dtype=dtype)
-    _, requests = _requests(config["dataset"].get("path") or config["dataset"]["name"], config["n"])
-    if config["order"] == "shuffled":
-        random.Random(config["seed"]).shuffle(requests)
-    requests = requests[:edited]
+    requests = run_requests(args.run)[:edited]
     items = probe_items(requests)
     baseline = locality_baseline(model, items, cache_dir() / "eval")
     Patch.load(args.run / "state" / "patch").apply(model)
@@ -73,7 +69,7 @@ def main() -> None:
         start = time.perf_counter()
         for memory in side.memories:
             memory.act_ratio = ratio
-        side._route = None
+        side.forget_route()
         records = case_records(requests, items, score_probes(model, items, generation=False), baseline)
         overall = summarize(records)["overall"]
         let_in = sum(_route(model, side, p) >= 0 for p in loc_prompts)
@@ -87,9 +83,9 @@ def main() -> None:
 def _route(model, side: SideMemory, prompt: str) -> int:
     """The memory that answers ``prompt`` (bare, as at inference; -1: the main memory)."""
     batch = encode(model, [prompt]).to(model.device)
-    side._route = None
+    side.forget_route()
     model.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return int(side._route[0])
+    return int(side.last_route[0])
 
 
 if __name__ == "__main__":

@@ -383,6 +383,34 @@ def test_a_shuffled_sequential_run_edits_the_same_cases_in_the_seeds_order(model
              progress=False, generation=False)
 
 
+def test_run_requests_rebuilds_a_runs_cases_in_the_order_it_edited_them(model, tmp_path):
+    """``run_requests`` reads a run's ``run.json`` (dataset, n, order, seed) and gives back the requests it
+    edited, in its order: the case edited at T = 1 first. A run on plain requests cannot be rebuilt."""
+    from lmedit.evaluate import edit_requests, run_requests
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Fact number {i} is about", "subject": "Fact",
+                                        "target_new": f"zq{i}.", "ground_truth": "x", "case_id": i}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "shuffled"
+    report = evaluate(model, "none", str(data), n=5, protocol="sequential", checkpoints=[1], out_dir=out, seed=7,
+                      shuffle=True, progress=False, generation=False)
+    rebuilt = [r.case_id for r in run_requests(out)]
+    first = next(r["case_id"] for r in report.records if r["T"] == 1)
+    assert len(rebuilt) == 5 and rebuilt[0] == str(first) and sorted(rebuilt) == ["0", "1", "2", "3", "4"]
+    assert rebuilt == [r.case_id for r in edit_requests(str(data), 5, shuffle=True, seed=7)[1]]
+    assert rebuilt != [r.case_id for r in edit_requests(str(data), 5)[1]]  # seed 7 does reorder them
+    settings = json.loads((out / "run.json").read_text())
+    del settings["order"]  # a run from before ``order`` was recorded was run in file order
+    (out / "run.json").write_text(json.dumps(settings))
+    assert [r.case_id for r in run_requests(out)] == ["0", "1", "2", "3", "4"]
+    evaluate(model, None, _requests(model, 2), out_dir=tmp_path / "plain", progress=False, generation=False)
+    with pytest.raises(EvalError, match="plain requests"):
+        run_requests(tmp_path / "plain")
+    with pytest.raises(EvalError, match="no run"):
+        run_requests(tmp_path / "nowhere")
+
+
 def test_sequential_runs_checkpoint_on_time_between_marks(model, tmp_path, monkeypatch):
     from lmedit.evaluate import sequential
 

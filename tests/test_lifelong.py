@@ -323,11 +323,11 @@ def test_side_memory_retrieves_by_activation_relative_to_each_threshold():
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [small, large])], {}).applied(model):
         _logits(model, prompt)
         assert _side(model).last_activations[:, 0].tolist() == pytest.approx([a, 2 * a], rel=1e-4)
-        assert _side(model)._route.tolist() == [0]
+        assert _side(model).last_route.tolist() == [0]
     high = Memory("a", 0, tau, None, 1, 2 * a, 1.0)  # over nobody's threshold but b's: b answers
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [high, large])], {}).applied(model):
         _logits(model, prompt)
-        assert _side(model)._route.tolist() == [1]
+        assert _side(model).last_route.tolist() == [1]
 
 
 def test_side_memory_with_anchors_answers_from_the_memory_holding_the_nearest_prompt(tmp_path):
@@ -352,20 +352,20 @@ def test_side_memory_with_anchors_answers_from_the_memory_holding_the_nearest_pr
     patch = Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], [near, strong])], {})
     with patch.applied(model):
         _logits(model, prompt)
-        assert _side(model)._route.tolist() == [0]
+        assert _side(model).last_route.tolist() == [0]
     loaded = Patch.load(patch.save(tmp_path / "p"))
     assert all(torch.equal(m.anchors, n.anchors) for m, n in zip(loaded.components[0].after, [near, strong]))
     with loaded.applied(model):
         _logits(model, prompt)
-        assert _side(model)._route.tolist() == [0]
+        assert _side(model).last_route.tolist() == [0]
     silent = [replace(m, min_act=1e9) for m in (near, strong)]  # nobody over the threshold
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], silent)], {}).applied(model):
         assert torch.equal(_logits(model, prompt), before)
-        assert _side(model)._route.tolist() == [-1]
+        assert _side(model).last_route.tolist() == [-1]
     mixed = [near, replace(strong, anchors=None)]
     with Patch("manual", {}, [], model.fingerprint, [SideMemoryEdit(path, [], mixed)], {}).applied(model):
         _logits(model, prompt)
-        assert _side(model)._route.tolist() == [1]  # activation: b's Δ_act / ε is 8 against a's 2
+        assert _side(model).last_route.tolist() == [1]  # activation: b's Δ_act / ε is 8 against a's 2
 
 
 def test_side_memory_whitened_keys_find_the_memory_a_plain_cosine_misses():
@@ -426,11 +426,11 @@ def test_wise_edit_writes_side_memory_routes_and_reverts(arch, tmp_path):
     assert bool(changed.any()) and not bool((changed & ~memory.mask).any())  # only the shard's masked entries
     assert float(memory.delta.abs().max()) <= 1.0  # the norm constraint
     after = score_continuations(model, [EDIT.prompt], [EDIT.target_new])[0].mean_logprob
-    assert side._route.tolist() == [0] and after > before + 1.0
+    assert side.last_route.tolist() == [0] and after > before + 1.0
     _logits(model, EDIT.prompt)  # the threshold is measured on the bare prompt, as inference routes it
     assert memory.min_act == pytest.approx(float(side.last_activations[0, 0]), rel=1e-2)
     assert torch.equal(_logits(model, OTHER), before_other)  # unrelated input: routed to the main memory
-    assert side._route.tolist() == [-1]
+    assert side.last_route.tolist() == [-1]
     patch.revert()
     assert not adaptors(model) and torch.equal(_logits(model, OTHER), before_other)
     patch.save(tmp_path / "w")
@@ -477,7 +477,7 @@ def test_wise_merged_memory_threshold_is_measured_on_its_prompts():
     for r in requests:
         _logits(model, r.prompt)
         acts.append(float(_side(model).last_activations[0, 0]))
-        assert _side(model)._route.tolist() == [0]
+        assert _side(model).last_route.tolist() == [0]
     assert merged.min_act == pytest.approx(min(acts), rel=1e-4)
     assert merged.min_act != pytest.approx(trained, rel=1e-3)  # not the shards' training-time figure
     for p in reversed(patches):
@@ -506,7 +506,7 @@ def test_wise_retrieve_keeps_small_models_dense_shards_apart():
     assert all(m.merged and float((m.delta != 0).float().mean()) > 0.9 for m in memories)  # kept whole
     for r in requests:
         _logits(model, r.prompt)
-        assert _side(model)._route.tolist() != [-1]
+        assert _side(model).last_route.tolist() != [-1]
 
 
 def test_wise_records_anchors_and_gives_them_to_memories_written_without(tmp_path):
@@ -527,7 +527,7 @@ def test_wise_records_anchors_and_gives_them_to_memories_written_without(tmp_pat
     assert torch.equal(memories[0].delta, old.delta) and memories[0].version == old.version + 1
     for i, r in enumerate(requests):
         _logits(model, r.prompt)
-        assert _side(model)._route.tolist() == [i]
+        assert _side(model).last_route.tolist() == [i]
     loaded = Patch.load(second.save(tmp_path / "p"))
     assert all(torch.equal(a.anchors, b.anchors) for a, b in zip(loaded.components[0].after, second.components[0].after))
     second.revert()
@@ -625,9 +625,9 @@ def test_wise_act_ratio_only_gates_inference():
     assert torch.equal(low.delta, high.delta) and low.min_act == high.min_act
     assert high.threshold == pytest.approx(3.0 / 0.88 * low.threshold)
     _logits(low_model, EDIT.prompt)
-    assert _side(low_model)._route.tolist() == [0]
+    assert _side(low_model).last_route.tolist() == [0]
     _logits(high_model, EDIT.prompt)
-    assert _side(high_model)._route.tolist() == [-1]
+    assert _side(high_model).last_route.tolist() == [-1]
 
 
 def test_wise_mask_ratio_keeps_the_papers_trainable_entries_per_shard():

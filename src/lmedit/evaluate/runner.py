@@ -167,11 +167,9 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         raise EvalError(f"n, the number of cases, must be at least 1, not {n!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EvalError(f"the batch size must be at least 1, not {batch_size!r}")
-    dataset, requests = _requests(data, n)
+    dataset, requests = edit_requests(data, n, shuffle, seed)
     if not requests:
         raise EvalError("no edit cases to evaluate")
-    if shuffle:
-        random.Random(seed).shuffle(requests)
     editor = None if method is None else (get_method(method, **(hparams or {})) if isinstance(method, str) else method)
     torch.manual_seed(seed)
     out = Path(out_dir) if out_dir is not None else None
@@ -328,18 +326,39 @@ def summarize(records: Sequence[dict[str, Any]], by_t: bool = False) -> dict[str
     return {"overall": means(groups[max(groups)]), "by_T": {t: means(rows) for t, rows in sorted(groups.items())}}
 
 
-def _requests(data: Any, n: int | None) -> tuple[Any, list[EditRequest]]:
+def edit_requests(data: Any, n: int | None = None, shuffle: bool = False,
+                  seed: int = 0) -> tuple[Any, list[EditRequest]]:
+    """The dataset (``None`` for plain requests) and the requests a run on ``data`` edits, in the order it
+    edits them: the first ``n`` cases, in an order drawn from ``seed`` when ``shuffle``."""
     if isinstance(data, (str, Path)):
         from lmedit.data import load_dataset
 
         data = load_dataset(data, n=n)
     if hasattr(data, "requests"):
-        requests = list(data.requests)
-        return data, requests[:n] if n else requests
-    from lmedit.requests import as_requests
+        dataset, requests = data, list(data.requests)
+    else:
+        from lmedit.requests import as_requests
 
-    requests = as_requests(data)
-    return None, requests[:n] if n else requests
+        dataset, requests = None, as_requests(data)
+    requests = requests[:n] if n else requests
+    if shuffle:
+        random.Random(seed).shuffle(requests)
+    return dataset, requests
+
+
+def run_requests(directory: str | Path) -> list[EditRequest]:
+    """The requests the run in ``directory`` edits, in its order (from its ``run.json``: dataset, ``n``,
+    ``order``, ``seed``). A run on plain requests, not a dataset, cannot be rebuilt and raises ``EvalError``."""
+    path = Path(directory) / "run.json"
+    if not path.is_file():
+        raise EvalError(f"{directory} holds no run (no run.json)")
+    config = json.loads(path.read_text())
+    dataset = config["dataset"]
+    source = dataset.get("path") or dataset.get("name")
+    if not source or source == "requests":
+        raise EvalError(f"the run in {directory} edited plain requests, not a dataset: its cases cannot be rebuilt")
+    # a run from before ``order`` was recorded was run in file order
+    return edit_requests(source, config["n"], config.get("order") == "shuffled", config.get("seed", 0))[1]
 
 
 def _peak_memory_mb(model: Any) -> float:

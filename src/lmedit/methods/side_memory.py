@@ -170,7 +170,7 @@ def prompt_keys(model: Any, path: str, prompts: Sequence[str], batch_size: int =
 class SideMemory(Adaptor):
     """WISE's side memories on one ``W_out`` module (see the module docstring)."""
 
-    transient = ("_handle", "_root_handle", "_attention", "_route", "_on_device", "last_activations")
+    transient = ("_handle", "_root_handle", "_attention", "last_route", "_on_device", "last_activations")
     key_metric: str = "whitened"  # how the nearest anchor is found: "whitened" or "cosine" (module docstring)
 
     def __init__(self, path: str) -> None:
@@ -179,7 +179,7 @@ class SideMemory(Adaptor):
         self.enabled = True
         self._root_handle: Any = None
         self._attention: torch.Tensor | None = None
-        self._route: torch.Tensor | None = None
+        self.last_route: torch.Tensor | None = None  # [B] memory that answered each row of the last prompt (-1: main)
         self._on_device: dict[tuple[str, int, str], torch.Tensor] | None = None
         self.last_activations: torch.Tensor | None = None  # [memories, B] Δ_act of the last routed prompt
 
@@ -223,8 +223,8 @@ class SideMemory(Adaptor):
         batch, length = x.shape[:2]
         mask = self._attention
         cached = mask is not None and mask.dim() == 2 and mask.shape[1] > length  # a continuation of a prefix
-        if cached and self._route is not None and self._route.shape[0] == batch:
-            return self._route
+        if cached and self.last_route is not None and self.last_route.shape[0] == batch:
+            return self.last_route
         weights = token_weights(mask, batch, length, x.device, prefill=not cached)
         acts = torch.stack([routing_activation(x, self._on(m, "delta", x.device), weights) for m in self.memories])
         self.last_activations = acts
@@ -235,8 +235,12 @@ class SideMemory(Adaptor):
         else:
             relative = torch.where(fired, acts / thresholds.clamp(min=1e-12), torch.full_like(acts, -1.0))
             index = relative.argmax(0)
-        self._route = torch.where(fired.any(0), index, torch.full_like(index, -1))
-        return self._route
+        self.last_route = torch.where(fired.any(0), index, torch.full_like(index, -1))
+        return self.last_route
+
+    def forget_route(self) -> None:
+        """Route the next forward pass afresh (a continuation of a prompt otherwise reuses ``last_route``)."""
+        self.last_route = None
 
     def _nearest_memory(self, query: torch.Tensor) -> torch.Tensor:
         """Per row of ``query`` (unit mean keys ``[B, d_mlp]``), the index of the memory holding the nearest
@@ -287,7 +291,7 @@ class SideMemory(Adaptor):
                 raise PatchError(f"side memory {m.id} is already on {self.path}")
         kept = [m for m in self.memories if m.id not in gone]
         self.memories = sorted(kept + [copy_memory(m) for m in add], key=lambda m: m.serial)
-        self._route = None
+        self.forget_route()
 
 
 _WHITENED: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
