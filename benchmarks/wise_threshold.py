@@ -28,7 +28,7 @@ import torch
 from lmedit import Patch, load_model
 from lmedit.adaptors import adaptors
 from lmedit.evaluate.probes import case_records, locality_baseline, probe_items, score_probes
-from lmedit.evaluate.runner import run_requests, summarize
+from lmedit.evaluate import run_requests, summarize
 from lmedit.methods.side_memory import SideMemory
 from lmedit.models.bundled import cache_dir
 from lmedit.scoring import encode

@@ -14,7 +14,7 @@ from lmedit.evaluate.metrics import (generation_matches, ngram_entropy, normaliz
                                      tfidf_cosine, token_agreement)
 from lmedit.evaluate.probes import ItemScore, ProbeItem, case_records, locality_baseline, probe_items, score_items
 from lmedit.evaluate.report import curve_label, curve_styles
-from lmedit.evaluate.runner import read_cases
+from lmedit.evaluate.run_files import read_cases
 from lmedit.methods.finetune import FTM
 from lmedit.continuations import generate
 from tiny import tiny

@@ -25,7 +25,8 @@ def load_report(directory: str | Path) -> Any:
     (``run.json``) and the cases scored so far (``cases.jsonl``) are summarised instead, and its
     configuration says ``"in_progress": true`` and ``"cases_done"``, how many of its ``n`` cases are done.
     """
-    from lmedit.evaluate.runner import Report, read_cases, summarize
+    from lmedit.evaluate.run_files import read_cases
+    from lmedit.evaluate.runner import Report, summarize
 
     directory = Path(directory)
     path = directory / "summary.json"
@@ -132,7 +133,7 @@ def retention_table(directory: str | Path, block: int = 100, metric: str = "rewr
     over the i-th block's cases scored after all T edits — down a column, old against new edits; along a row,
     how a block fares as later edits arrive. The edit order is read from ``cases.jsonl`` (each mark scores its
     cases in edit order). Empty for a run without marks (single, batch, ``after_each``)."""
-    from lmedit.evaluate.runner import read_cases
+    from lmedit.evaluate.run_files import read_cases
 
     if block < 1:
         raise EvalError(f"the retention table's block must be at least 1 edit, not {block}")

@@ -22,7 +22,7 @@ it is.
 Per-case records stream to ``out_dir/cases.jsonl``; a killed run continues with ``resume=True``
 (sequential runs also checkpoint their accumulated edit in ``out_dir/state``, see
 ``lmedit.evaluate.sequential``) under the settings recorded in ``out_dir/run.json`` when it started, or not
-at all (``_same_settings``). ``summary.json`` and
+at all (``lmedit.evaluate.run_files.record_settings``). ``summary.json`` and
 ``summary.md`` hold the means and everything needed to reproduce the run.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import platform
-import random
 import resource
 import time
 from contextlib import nullcontext
@@ -45,6 +44,7 @@ import torch
 from lmedit.errors import EditError, EvalError
 from lmedit.evaluate.multihop import multihop_record
 from lmedit.evaluate.probes import case_records, fluency_records, locality_baseline, probe_items, score_probes
+from lmedit.evaluate.run_files import edit_requests, read_cases, record_settings
 from lmedit.evaluate.sequential import chunks, run_sequential
 from lmedit.models.bundled import cache_dir
 from lmedit.patch import Patch
@@ -196,7 +196,7 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
         "lmedit_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
     }
     if out is not None:
-        _same_settings(out, config, resume)
+        record_settings(out, config, resume)
     start = time.perf_counter()
     cases = list(getattr(dataset, "cases", None) or [])[:n] if dataset is not None else []
     if cases:
@@ -237,63 +237,6 @@ def evaluate(model: Any, method: str | Any | None, data: Any, *, protocol: str =
                    by_t=protocol == "sequential" and scoring == "after_all" and editor is not None)
 
 
-# What a resumed run must share with the part before it (hyper-parameters: those both parts know), and
-# what may differ but is worth a warning (a run continued on another machine).
-SAME_SETTINGS = ("protocol", "scoring", "batch_size", "seed", "order", "method", "model.name", "model.fingerprint",
-                 "model.chat", "model.doc_start_token", "dataset.sha256", "generation_metrics", "fluency_metrics")
-WARN_SETTINGS = ("model.device", "model.dtype", "lmedit_version", "torch")
-
-
-def _same_settings(out: Path, config: dict[str, Any], resume: bool) -> None:
-    """Record the run's settings in ``out/run.json``; on resume, refuse to continue under other ones.
-
-    A run is one table row: continuing it with another learning rate, model or dataset file would mix two
-    experiments under one name. ``n`` may grow (extending a run; not a shuffled one, whose order depends on
-    it; ``run.json`` then records the new ``n`` and the shorter run's summary is removed, so ``lmedit report``
-    shows the run as in progress until it ends) but never shrink (records and edit state may reach past it);
-    the device, dtype and library versions may change with a warning (``runs/README.md`` records such mixed
-    runs), and so may a hyper-parameter the method gained after the run started (pin it with ``--hparam``).
-    """
-    path = out / "run.json"
-    if resume and path.exists():
-        earlier = json.loads(path.read_text())
-
-        def get(c: dict[str, Any], dotted: str) -> Any:
-            for part in dotted.split("."):
-                c = c.get(part) if isinstance(c, dict) else None
-            return "file" if c is None and dotted == "order" else c  # runs from before ``order`` was recorded
-
-        def text(value: Any) -> str:
-            return json.dumps(value, sort_keys=True, default=str)
-
-        changed = [f"{k}: {get(earlier, k)!r} -> {get(config, k)!r}" for k in SAME_SETTINGS
-                   if text(get(earlier, k)) != text(get(config, k))]
-        if get(config, "order") == "shuffled" and get(earlier, "n") != get(config, "n"):  # another n, another order
-            changed.append(f"n of a shuffled run: {get(earlier, 'n')!r} -> {get(config, 'n')!r}")
-        elif (get(config, "n") or 0) < (get(earlier, "n") or 0):  # its records and edit state reach past the new n
-            changed.append(f"n may grow, not shrink: {get(earlier, 'n')!r} -> {get(config, 'n')!r}")
-        hp_old, hp_new = earlier.get("hparams", {}), config.get("hparams", {})
-        changed += [f"hparams.{k}: {hp_old[k]!r} -> {hp_new[k]!r}" for k in sorted(set(hp_old) & set(hp_new))
-                    if text(hp_old[k]) != text(hp_new[k])]
-        if changed:
-            raise EvalError(f"{out} was run with other settings; resuming would mix two experiments "
-                            f"({'; '.join(changed)}). Use another output directory.")
-        moved = [f"{k} {get(earlier, k)} -> {get(config, k)}" for k in WARN_SETTINGS
-                 if text(get(earlier, k)) != text(get(config, k))]
-        # a hyper-parameter the method gained since the run started: its earlier edits ran without it
-        moved += [f"new hparams.{k} = {hp_new[k]!r}" for k in sorted(set(hp_new) - set(hp_old))]
-        if moved:
-            log.warning("%s: resuming on another placement or version (%s)", out, "; ".join(moved))
-        if get(config, "n") != get(earlier, "n"):  # extended: the run is under way again, to the new n
-            earlier["n"] = config["n"]
-            earlier.setdefault("dataset", {})["n"] = get(config, "dataset.n")
-            path.write_text(json.dumps(earlier, indent=2, default=str))
-            for finished in ("summary.json", "summary.md"):  # the shorter run's; written again at the end
-                (out / finished).unlink(missing_ok=True)
-        return
-    path.write_text(json.dumps(config, indent=2, default=str))
-
-
 def _finish(run: _Run, config: dict[str, Any], start: float, edit_seconds: list[float], by_t: bool) -> Report:
     config.update(wall_seconds=round(time.perf_counter() - start, 2), peak_memory_mb=_peak_memory_mb(run.model),
                   edit_seconds_mean=round(mean(edit_seconds), 4) if edit_seconds else None)
@@ -326,41 +269,6 @@ def summarize(records: Sequence[dict[str, Any]], by_t: bool = False) -> dict[str
     return {"overall": means(groups[max(groups)]), "by_T": {t: means(rows) for t, rows in sorted(groups.items())}}
 
 
-def edit_requests(data: Any, n: int | None = None, shuffle: bool = False,
-                  seed: int = 0) -> tuple[Any, list[EditRequest]]:
-    """The dataset (``None`` for plain requests) and the requests a run on ``data`` edits, in the order it
-    edits them: the first ``n`` cases, in an order drawn from ``seed`` when ``shuffle``."""
-    if isinstance(data, (str, Path)):
-        from lmedit.data import load_dataset
-
-        data = load_dataset(data, n=n)
-    if hasattr(data, "requests"):
-        dataset, requests = data, list(data.requests)
-    else:
-        from lmedit.requests import as_requests
-
-        dataset, requests = None, as_requests(data)
-    requests = requests[:n] if n else requests
-    if shuffle:
-        random.Random(seed).shuffle(requests)
-    return dataset, requests
-
-
-def run_requests(directory: str | Path) -> list[EditRequest]:
-    """The requests the run in ``directory`` edits, in its order (from its ``run.json``: dataset, ``n``,
-    ``order``, ``seed``). A run on plain requests, not a dataset, cannot be rebuilt and raises ``EvalError``."""
-    path = Path(directory) / "run.json"
-    if not path.is_file():
-        raise EvalError(f"{directory} holds no run (no run.json)")
-    config = json.loads(path.read_text())
-    dataset = config["dataset"]
-    source = dataset.get("path") or dataset.get("name")
-    if not source or source == "requests":
-        raise EvalError(f"the run in {directory} edited plain requests, not a dataset: its cases cannot be rebuilt")
-    # a run from before ``order`` was recorded was run in file order
-    return edit_requests(source, config["n"], config.get("order") == "shuffled", config.get("seed", 0))[1]
-
-
 def _peak_memory_mb(model: Any) -> float:
     if model.device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(model.device) / 2**20, 1)
@@ -371,29 +279,6 @@ def _version() -> str:
     import lmedit
 
     return lmedit.__version__
-
-
-def read_cases(directory: str | Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The per-case records a run has written so far (``cases.jsonl``; none if there is no such file).
-
-    Half a record at the end (the run was killed while writing it) is left out, and with ``repair`` cut
-    from the file, so that appends start on a fresh line and that case is redone."""
-    path = Path(directory) / "cases.jsonl"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1 and not text.endswith("\n"):
-                if repair:
-                    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-                break
-            raise EvalError(f"{path}, line {i + 1}: not a JSON record ({e.msg})") from e
-    return records
 
 
 def resummarize(directory: str | Path) -> Report:
